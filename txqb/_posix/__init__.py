@@ -1,0 +1,1 @@
+"""System calls and FFI: sockets, credentials, shared files. No Twisted."""

@@ -1,0 +1,246 @@
+"""
+A ``SOCK_DGRAM`` unix socket of the ``QB_IPC_SOCKET`` transport, driven by
+the reactor.
+
+Each message is one datagram, so the usual byte-stream write buffer does
+not fit: this channel keeps a queue of whole datagrams, tries to send each
+at once, and only when the socket is full registers as a writer and waits.
+It can also connect lazily and retry the connect without blocking, as
+libqb's server does with its response and event sockets (it sleeps; txqb
+schedules a retry).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+from typing import Callable, Deque, Optional, Tuple
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+
+__all__ = ["DatagramChannel"]
+
+_RETRY_CONNECT = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN})
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class DatagramChannel:
+    """
+    One datagram socket: reads whole datagrams, writes whole datagrams.
+
+    @param receiveSize: the largest datagram accepted; a longer one arrives
+        truncated to C{receiveSize + 1} bytes so that the caller can tell.
+    @param onDatagram: called with each datagram received.
+    @param onError: called once with the exception that ended the channel.
+    @param peer: when given, the address to connect to lazily before the
+        first send, retrying every C{connectInterval} seconds up to
+        C{connectTries} times.
+    @param batch: datagrams read per wake-up at most, so that one busy
+        channel cannot starve the others sharing the reactor.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        sock: socket.socket,
+        receiveSize: int,
+        onDatagram: Callable[[bytes], None],
+        onError: Callable[[BaseException], None],
+        peer: Optional[bytes] = None,
+        connectTries: int = 20,
+        connectInterval: float = 0.1,
+        batch: int = 64,
+        name: str = "qb-dgram",
+    ) -> None:
+        self._reactor = reactor
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._buffer = bytearray(receiveSize + 1)
+        self._view = memoryview(self._buffer)
+        self._onDatagram = onDatagram
+        self._onError = onError
+        self._peer = peer
+        self._connectTries = connectTries
+        self._connectInterval = connectInterval
+        self._connectCall: Optional[IDelayedCall] = None
+        self._batch = batch
+        self._name = name
+        self._queue: Deque[Tuple[bytes, Deferred[None]]] = deque()
+        self._reading = False
+        self._writing = False
+        self.closed = False
+
+    # IReadDescriptor / IWriteDescriptor
+
+    def fileno(self) -> int:
+        """The socket's descriptor, or -1 once closed."""
+        return self._fd
+
+    def logPrefix(self) -> str:
+        """The channel's name in log lines."""
+        return self._name
+
+    def doRead(self) -> None:
+        """Read up to C{batch} datagrams and hand each over."""
+        self._read(self._batch)
+
+    def drain(self) -> None:
+        """Read every datagram already queued, however many."""
+        self._read(-1)
+
+    @property
+    def reading(self) -> bool:
+        """Whether datagrams are being delivered."""
+        return self._reading
+
+    def _read(self, limit: int) -> None:
+        sock, view, buffer = self._sock, self._view, self._buffer
+        while limit != 0:
+            limit -= 1
+            try:
+                n = sock.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as e:
+                self._fail(e)
+                return None
+            self._onDatagram(bytes(view[:n]))
+            if not self._reading:
+                return None
+        return None
+
+    def doWrite(self) -> None:
+        """Send queued datagrams until the socket is full again."""
+        self._flush()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor gave up on this descriptor."""
+        self._fail(reason.value)
+
+    # Reading
+
+    def startReading(self) -> None:
+        """Have the reactor deliver datagrams."""
+        if not self._reading and not self.closed:
+            self._reading = True
+            self._reactor.addReader(self)
+
+    def stopReading(self) -> None:
+        """Leave datagrams in the socket (libqb's flow control relies on it)."""
+        if self._reading:
+            self._reading = False
+            self._reactor.removeReader(self)
+
+    # Writing
+
+    @property
+    def queued(self) -> int:
+        """How many datagrams wait for room in the socket."""
+        return len(self._queue)
+
+    def send(self, data: bytes) -> Optional[Deferred[None]]:
+        """
+        Send one datagram, or queue it behind the ones already waiting.
+
+        @return: L{None} when the datagram went out at once (the common,
+            cheap case); otherwise a L{Deferred} that fires when it does,
+            or fails when the channel dies first.
+        @raise OSError: the kernel refused the datagram itself (for
+            example ``EMSGSIZE``); nothing was queued.
+        """
+        if self.closed:
+            raise OSError(errno.ENOTCONN, "channel is closed")
+        if not self._queue and self._peer is None:
+            try:
+                self._sock.send(data)
+                return None
+            except (BlockingIOError, InterruptedError):
+                pass
+        d: Deferred[None] = Deferred()
+        self._queue.append((data, d))
+        if self._peer is not None:
+            if self._connectCall is None:
+                self._tryConnect()
+        else:
+            self._startWriting()
+        return d
+
+    def _startWriting(self) -> None:
+        if not self._writing and not self.closed:
+            self._writing = True
+            self._reactor.addWriter(self)
+
+    def _stopWriting(self) -> None:
+        if self._writing:
+            self._writing = False
+            self._reactor.removeWriter(self)
+
+    def _flush(self) -> None:
+        queue, sock = self._queue, self._sock
+        while queue:
+            data, d = queue[0]
+            try:
+                sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                self._startWriting()
+                return
+            except OSError as e:
+                self._fail(e)
+                return
+            queue.popleft()
+            d.callback(None)
+            if self.closed:
+                return
+        self._stopWriting()
+
+    def _tryConnect(self) -> None:
+        self._connectCall = None
+        assert self._peer is not None
+        try:
+            self._sock.connect(self._peer)
+        except OSError as e:
+            self._connectTries -= 1
+            if e.errno not in _RETRY_CONNECT or self._connectTries <= 0:
+                self._fail(e)
+                return
+            clock: IReactorTime = self._reactor  # type: ignore[assignment]
+            self._connectCall = clock.callLater(
+                self._connectInterval, self._tryConnect
+            )
+            return
+        self._peer = None
+        self._flush()
+
+    # Ending
+
+    def _fail(self, error: BaseException) -> None:
+        if self.closed:
+            return
+        self.close(error)
+        self._onError(error)
+
+    def close(self, reason: Optional[BaseException] = None) -> None:
+        """
+        Stop, close the socket and fail whatever is still queued.
+
+        @param reason: the exception queued sends fail with.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.stopReading()
+        self._stopWriting()
+        if self._connectCall is not None:
+            self._connectCall.cancel()
+            self._connectCall = None
+        self._fd = -1
+        self._sock.close()
+        queue, self._queue = self._queue, deque()
+        failure = Failure(reason or OSError(errno.ENOTCONN, "channel closed"))
+        for _, d in queue:
+            d.errback(failure)

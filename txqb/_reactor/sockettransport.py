@@ -1,0 +1,277 @@
+"""
+The ``QB_IPC_SOCKET`` transport, both ends.
+
+Requests and responses share one connected datagram pair, events use a
+second pair, and a 24-byte control file carries the flow-control word and
+queue-length hints.  The server binds ``B-request`` and ``B-event-tx``
+before answering the handshake and connects to the client's ``B-response``
+and ``B-event`` lazily, at its first send; the client binds both of its
+names and connects at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFDSet
+
+from txqb._posix.files import SHM_DIR, PrivateDirectory, mapFile, openSharedFile
+from txqb._posix.sockets import datagramSocket
+from txqb._reactor.datagram import DatagramChannel
+from txqb._wire.handshake import TRANSPORT_SOCKET
+from txqb._wire.naming import clientSocketNames, socketNames
+
+__all__ = ["ServerSocketChannels", "ClientSocketChannels", "CONTROL_FILE_SIZE"]
+
+CONTROL_FILE_SIZE = 24
+"""Three ``{int32 sent; int32 flow_control}`` pairs."""
+
+_INT32 = struct.Struct("<i")
+_REQUEST_SENT = 0
+_REQUEST_FLOW_CONTROL = 4
+_EVENT_SENT = 16
+
+
+def _ignore(_: bytes) -> None:
+    pass
+
+
+def _add(control: mmap.mmap, offset: int, delta: int) -> None:
+    # libqb updates these counters atomically; Python cannot.  They are
+    # queue-length hints read only for statistics, so a rare lost update
+    # is tolerable, while the flow-control word (a plain store) is exact.
+    (value,) = _INT32.unpack_from(control, offset)
+    _INT32.pack_into(control, offset, value + delta)
+
+
+class ServerSocketChannels:
+    """
+    A server's end of one socket-transport connection.
+
+    Created during the handshake, after the accept policy has run and
+    before the connection response is sent, so that every name the
+    response announces already exists.
+    """
+
+    transportType = TRANSPORT_SOCKET
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        directory: PrivateDirectory,
+        service: str,
+        maxMessageSize: int,
+        uid: int,
+        gid: int,
+        mode: int,
+        onRequest: Callable[[bytes], None],
+        onError: Callable[[BaseException], None],
+    ) -> None:
+        names = socketNames(directory.path, service)
+        fd = directory.createFile(
+            os.path.basename(names.control), CONTROL_FILE_SIZE, uid, gid, mode
+        )
+        try:
+            self._control: Optional[mmap.mmap] = mapFile(fd, CONTROL_FILE_SIZE)
+        finally:
+            os.close(fd)
+        self._control.write(bytes(CONTROL_FILE_SIZE))
+        requestSocket = eventSocket = None
+        try:
+            requestSocket = datagramSocket(names.request, maxMessageSize)
+            eventSocket = datagramSocket(names.eventTx, maxMessageSize)
+        except BaseException:
+            for sock in (requestSocket, eventSocket):
+                if sock is not None:
+                    sock.close()
+            self._control.close()
+            raise
+        self.requests = DatagramChannel(
+            reactor,
+            requestSocket,
+            maxMessageSize,
+            onRequest,
+            onError,
+            peer=names.response,
+            name="qb-request",
+        )
+        self.events = DatagramChannel(
+            reactor,
+            eventSocket,
+            0,
+            _ignore,
+            onError,
+            peer=names.event,
+            name="qb-event-tx",
+        )
+        self.strings = (names.control, names.base, "")
+
+    def startReading(self) -> None:
+        """Begin (or resume) reading requests."""
+        self.requests.startReading()
+
+    def stopReading(self) -> None:
+        """Leave requests queued in the socket: flow control is on."""
+        self.requests.stopReading()
+
+    def setupBytesReceived(self, data: bytes) -> None:
+        """Bytes on the setup socket mean nothing in this transport."""
+
+    def sendResponse(self, data: bytes) -> Optional[Deferred[None]]:
+        """Send one response datagram (queued while the socket is full)."""
+        return self.requests.send(data)
+
+    def sendEvent(self, data: bytes) -> Optional[Deferred[None]]:
+        """Send one event datagram and count it for queue-length stats."""
+        result = self.events.send(data)
+        if self._control is not None:
+            _add(self._control, _EVENT_SENT, 1)
+        return result
+
+    def eventQueueLength(self) -> int:
+        """Events sent and not yet read by the client, as libqb counts."""
+        if self._control is None:
+            return 0
+        return max(0, _INT32.unpack_from(self._control, _EVENT_SENT)[0])
+
+    def setFlowControl(self, value: int) -> None:
+        """Write the flow-control word every libqb client checks."""
+        if self._control is not None:
+            _INT32.pack_into(self._control, _REQUEST_FLOW_CONTROL, value)
+
+    def close(self, reason: Optional[BaseException] = None) -> None:
+        """Close both sockets and unmap the control file."""
+        self.requests.close(reason)
+        self.events.close(reason)
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+
+
+class ClientSocketChannels:
+    """A client's end of one socket-transport connection."""
+
+    transportType = TRANSPORT_SOCKET
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        controlPath: str,
+        base: str,
+        maxMessageSize: int,
+        receiveSize: int,
+        onResponse: Callable[[bytes], None],
+        onEvent: Callable[[bytes], None],
+        onError: Callable[[BaseException], None],
+    ) -> None:
+        if not os.path.isabs(controlPath) or not base:
+            raise OSError(
+                errno.EBADMSG,
+                f"server named control file {controlPath!r} and base {base!r}",
+            )
+        names = clientSocketNames(controlPath, base)
+        self._controlPath = controlPath
+        fd = openSharedFile(controlPath, CONTROL_FILE_SIZE)
+        try:
+            self._control: Optional[mmap.mmap] = mapFile(fd, CONTROL_FILE_SIZE)
+        finally:
+            os.close(fd)
+        sockets = []
+        try:
+            requestSocket = datagramSocket(names.response, maxMessageSize)
+            sockets.append(requestSocket)
+            requestSocket.connect(names.request)
+            eventSocket = datagramSocket(names.event, maxMessageSize)
+            sockets.append(eventSocket)
+            eventSocket.connect(names.eventTx)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            self._control.close()
+            raise
+        self.requests = DatagramChannel(
+            reactor, requestSocket, receiveSize, onResponse, onError, name="qb-response"
+        )
+        self.events = DatagramChannel(
+            reactor, eventSocket, receiveSize, self._eventReceived, onError, name="qb-event"
+        )
+        self._onEvent = onEvent
+        self.requests.startReading()
+        self.events.startReading()
+
+    def drainEvents(self) -> None:
+        """
+        Read the events already queued, if the control file says there are
+        any, so that events the server sent before a response are
+        delivered before it (unix datagrams are queued at send time).
+        """
+        control = self._control
+        if (
+            control is not None
+            and self.events.reading
+            and _INT32.unpack_from(control, _EVENT_SENT)[0] > 0
+        ):
+            self.events.drain()
+
+    def _eventReceived(self, data: bytes) -> None:
+        if self._control is not None:
+            _add(self._control, _EVENT_SENT, -1)
+        self._onEvent(data)
+
+    def flowControl(self) -> int:
+        """The server's flow-control word, read before every send."""
+        if self._control is None:
+            return 0
+        value: int = _INT32.unpack_from(self._control, _REQUEST_FLOW_CONTROL)[0]
+        return value
+
+    def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
+        """Send one request datagram, counting it as libqb's client does."""
+        result = self.requests.send(data)
+        if self._control is not None:
+            _add(self._control, _REQUEST_SENT, 1)
+        return result
+
+    def pauseEvents(self) -> None:
+        """Stop reading events; the server's sends back up and wait."""
+        self.events.stopReading()
+
+    def resumeEvents(self) -> None:
+        """Read events again."""
+        self.events.startReading()
+
+    def setupBytesReceived(self, data: bytes) -> None:
+        """Bytes on the setup socket mean nothing in this transport."""
+
+    def close(self, reason: Optional[BaseException] = None) -> None:
+        """
+        Close the sockets, unmap and remove the control file and its
+        directory, as libqb's ``qb_ipcc_disconnect`` does.
+        """
+        self.requests.close(reason)
+        self.events.close(reason)
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+            _removeControlFile(self._controlPath)
+
+
+def _removeControlFile(path: str) -> None:
+    # The path came from the server.  Remove it only where libqb puts such
+    # files (a qb-* directory directly in /dev/shm), so that a hostile
+    # server cannot make a privileged client delete anything else.
+    directory = os.path.dirname(path)
+    if os.path.dirname(directory) != SHM_DIR or not os.path.basename(
+        directory
+    ).startswith("qb-"):
+        return
+    for remove, target in ((os.unlink, path), (os.rmdir, directory)):
+        try:
+            remove(target)
+        except OSError:
+            pass

@@ -1,0 +1,135 @@
+"""
+The setup socket as a Twisted transport.
+
+libqb's setup channel is a ``SOCK_STREAM`` unix socket that txqb creates
+itself (libqb's padded abstract addresses, ``SO_PASSCRED``) and then hands
+to a L{Protocol} through this transport.  Being a
+L{twisted.internet.abstract.FileDescriptor}, it needs nothing from the
+reactor but L{IReactorFDSet}.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Optional
+
+from twisted.internet import main
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IReactorFDSet
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from txqb._posix.sockets import CREDENTIALS_CMSG_SPACE, Credentials, parseCredentials
+
+__all__ = ["UnixStreamTransport", "UnixSetupAddress"]
+
+_READ_SIZE = 65536
+
+
+class UnixSetupAddress:
+    """The address of a setup socket, printable for logs."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        if self.raw[:1] == b"\0":
+            return "@" + self.raw[1:].rstrip(b"\0").decode("utf-8", "replace")
+        return self.raw.decode("utf-8", "replace")
+
+
+class UnixStreamTransport(FileDescriptor):
+    """
+    A connected ``SOCK_STREAM`` unix socket driving a protocol.
+
+    @ivar credentials: the peer's credentials from the first
+        ``SCM_CREDENTIALS`` message received while C{wantCredentials} was
+        on (a libqb client reads the server's credentials this way).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: Protocol,
+        reactor: IReactorFDSet,
+        address: bytes,
+        wantCredentials: bool = False,
+    ) -> None:
+        super().__init__(reactor)  # type: ignore[arg-type]
+        self.socket = sock
+        self._fd = sock.fileno()
+        self.protocol = protocol
+        self.address = UnixSetupAddress(address)
+        self.wantCredentials = wantCredentials
+        self.credentials: Optional[Credentials] = None
+        self.connected = 1
+        protocol.makeConnection(self)
+
+    def fileno(self) -> int:
+        """The socket's descriptor, or -1 once closed."""
+        return self._fd
+
+    def logPrefix(self) -> str:
+        """Name the service in log lines."""
+        return f"qb-setup {self.address!r}"
+
+    def getHost(self) -> UnixSetupAddress:  # type: ignore[override]
+        """The service's address (both ends name the service)."""
+        return self.address
+
+    def getPeer(self) -> UnixSetupAddress:  # type: ignore[override]
+        """The service's address; unix client sockets are unnamed."""
+        return self.address
+
+    def doRead(self) -> Optional[Failure]:
+        """Read what is there and hand it to the protocol."""
+        try:
+            if self.wantCredentials:
+                data, ancillary, _, _ = self.socket.recvmsg(
+                    _READ_SIZE, CREDENTIALS_CMSG_SPACE
+                )
+                found = parseCredentials(ancillary)
+                if found is not None and self.credentials is None:
+                    self.credentials = found
+            else:
+                data = self.socket.recv(_READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return None
+            return Failure(main.CONNECTION_LOST)
+        if not data:
+            return Failure(main.CONNECTION_DONE)
+        self.protocol.dataReceived(data)
+        return None
+
+    def writeSomeData(self, data: bytes) -> int | Failure:  # type: ignore[override]
+        """Send as much as the socket takes; never raise ``SIGPIPE``."""
+        try:
+            return self.socket.send(data, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return 0
+            return Failure(main.CONNECTION_LOST)
+
+    def abortConnection(self) -> None:
+        """Close at once, dropping anything not yet written."""
+        if self.disconnected:
+            return
+        self.stopReading()
+        self.stopWriting()
+        self.connectionLost(Failure(main.CONNECTION_DONE))
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Close the socket and tell the protocol, exactly once."""
+        if self._fd < 0:
+            return
+        super().connectionLost(reason)
+        self._fd = -1
+        self.socket.close()
+        protocol, self.protocol = self.protocol, Protocol()
+        protocol.connectionLost(reason)

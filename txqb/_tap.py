@@ -1,0 +1,160 @@
+"""
+``twistd qbipc``: run libqb-compatible services under twistd.
+
+Example::
+
+    twistd -n qbipc --service echo --transport socket
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+
+from txqb.interfaces import IServiceHandlers
+from txqb.server import DEFAULT_MAX_MESSAGE_SIZE_CEILING, transportFromName
+
+__all__ = ["Options", "makeService", "QBIPCService", "BUILTIN_SERVICES"]
+
+
+def _echo() -> IServiceHandlers:
+    from txqb.echo import EchoHandlers
+
+    return EchoHandlers()
+
+
+BUILTIN_SERVICES: Dict[str, Callable[[], IServiceHandlers]] = {"echo": _echo}
+"""Services ``--service`` knows by name."""
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive number of bytes")
+    return number
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd qbipc``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve libqb IPC services that C libqb clients (qb_ipcc_connect) and"
+        " txqb clients can use.  Built-in services: "
+        + ", ".join(sorted(BUILTIN_SERVICES))
+        + "."
+    )
+    optParameters: List[List[Any]] = [
+        ["transport", "t", "socket", "Transport: socket or shm."],
+        [
+            "max-message-size",
+            "m",
+            None,
+            "Enforce at least this message size (bytes) on every connection.",
+            _positive,
+        ],
+        [
+            "max-message-ceiling",
+            None,
+            DEFAULT_MAX_MESSAGE_SIZE_CEILING,
+            "Refuse clients asking for larger messages than this (bytes).",
+            _positive,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["services"] = []
+
+    def opt_service(self, name: str) -> None:
+        """A service to run (repeatable): one of the built-in services."""
+        if name not in BUILTIN_SERVICES:
+            raise usage.UsageError(
+                f"unknown service {name!r}; built-in services: "
+                + ", ".join(sorted(BUILTIN_SERVICES))
+            )
+        self["services"].append(name)
+
+    opt_s = opt_service
+
+    def postOptions(self) -> None:
+        """Check the combination of options."""
+        if not self["services"]:
+            raise usage.UsageError("name at least one --service")
+        try:
+            transportFromName(self["transport"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        ceiling, size = self["max-message-ceiling"], self["max-message-size"]
+        if size is not None and size > ceiling:
+            raise usage.UsageError(
+                f"--max-message-size {size} exceeds --max-message-ceiling {ceiling}"
+            )
+
+
+class QBIPCService(Service):
+    """
+    One libqb service as a Twisted application service: listening while
+    running; on stop, every client is disconnected and every file removed.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        handlers: IServiceHandlers,
+        transport: str = "socket",
+        enforceBufferSize: int = 0,
+        maxMessageSizeCeiling: int = DEFAULT_MAX_MESSAGE_SIZE_CEILING,
+        reactor: Optional[Any] = None,
+    ) -> None:
+        self.name = name
+        self.handlers = handlers
+        self.transport = transport
+        self.enforceBufferSize = enforceBufferSize
+        self.maxMessageSizeCeiling = maxMessageSizeCeiling
+        self._reactor = reactor
+        self.service: Optional[Any] = None
+
+    def startService(self) -> None:
+        """Bind the service name."""
+        from txqb.server import listen
+
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        super().startService()
+        self.service = listen(
+            self._reactor,
+            self.name,
+            self.handlers,
+            transport=self.transport,
+            enforceBufferSize=self.enforceBufferSize,
+            maxMessageSizeCeiling=self.maxMessageSizeCeiling,
+        )
+
+    def stopService(self) -> Optional[Deferred[None]]:
+        """Stop listening and wait for every connection to be torn down."""
+        super().stopService()
+        service, self.service = self.service, None
+        if service is None:
+            return None
+        result: Deferred[None] = service.stopListening()
+        return result
+
+
+def makeService(options: Options) -> IService:
+    """Build the services named on the command line."""
+    top = MultiService()
+    for name in options["services"]:
+        QBIPCService(
+            name,
+            BUILTIN_SERVICES[name](),
+            transport=options["transport"],
+            enforceBufferSize=options["max-message-size"] or 0,
+            maxMessageSizeCeiling=options["max-message-ceiling"],
+        ).setServiceParent(top)
+    return top

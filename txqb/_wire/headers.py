@@ -1,0 +1,176 @@
+"""
+libqb message headers, as bytes.
+
+Every libqb message starts with a header whose fields are each aligned to
+8 bytes (``__attribute__((aligned(8)))`` in ``qbipc_common.h``), so each
+32-bit field is followed by 4 bytes of padding:
+
+* request header, 16 bytes: ``id``, ``size``;
+* response and event header, 24 bytes: ``id``, ``size``, ``error``.
+
+``size`` always counts the header itself.  libqb never reads the padding;
+txqb writes zeros there and ignores it on input.
+
+This module is sans-IO: it knows nothing about sockets, rings or Twisted.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import NamedTuple, Union
+
+__all__ = [
+    "REQUEST_HEADER",
+    "RESPONSE_HEADER",
+    "REQUEST_HEADER_SIZE",
+    "RESPONSE_HEADER_SIZE",
+    "MSG_AUTHENTICATE",
+    "MSG_NEW_EVENT_SOCK",
+    "MSG_DISCONNECT",
+    "MSG_USER_START",
+    "MalformedMessage",
+    "Message",
+    "encodeRequest",
+    "encodeResponse",
+    "decodeRequest",
+    "decodeResponse",
+]
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+REQUEST_HEADER = struct.Struct("<i4xi4x")
+"""``struct qb_ipc_request_header``: id, size (each padded to 8 bytes)."""
+
+RESPONSE_HEADER = struct.Struct("<i4xi4xi4x")
+"""``struct qb_ipc_response_header``: id, size, error (each padded to 8)."""
+
+REQUEST_HEADER_SIZE = REQUEST_HEADER.size  # 16
+RESPONSE_HEADER_SIZE = RESPONSE_HEADER.size  # 24
+
+MSG_USER_START = 0
+"""The first id an application may use."""
+
+MSG_AUTHENTICATE = -1
+"""The handshake's id, in the connection request and response."""
+
+MSG_NEW_EVENT_SOCK = -2
+"""Dead since libqb 0.15; a 2.x server drops a connection that uses it."""
+
+MSG_DISCONNECT = -3
+"""A request with this id asks the server to tear the connection down."""
+
+_INT32_MIN = -(2**31)
+_INT32_MAX = 2**31 - 1
+
+
+class MalformedMessage(ValueError):
+    """
+    A message violates libqb's framing.
+
+    Carries an errno so that the layer that catches it can report the same
+    code libqb would (``EBADMSG`` for garbage, ``EMSGSIZE`` for sizes).
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = code
+        self.reason = reason
+
+
+class Message(NamedTuple):
+    """
+    A decoded libqb message: what a handler or a client receives.
+
+    For requests ``error`` is always 0 (requests carry no error field).
+    """
+
+    id: int
+    error: int
+    payload: bytes
+
+
+def _checkId(msgId: int) -> None:
+    if not _INT32_MIN <= msgId <= _INT32_MAX:
+        raise OverflowError(f"message id {msgId} does not fit in an int32")
+
+
+def encodeRequest(msgId: int, payload: Buffer = b"") -> bytes:
+    """
+    Frame a request: a 16-byte header followed by ``payload``.
+
+    The header's ``size`` is the total length, as libqb requires.
+    """
+    _checkId(msgId)
+    return REQUEST_HEADER.pack(msgId, REQUEST_HEADER_SIZE + len(payload)) + payload
+
+
+def encodeResponse(msgId: int, error: int, payload: Buffer = b"") -> bytes:
+    """
+    Frame a response or an event: a 24-byte header followed by ``payload``.
+    """
+    _checkId(msgId)
+    _checkId(error)
+    return (
+        RESPONSE_HEADER.pack(msgId, RESPONSE_HEADER_SIZE + len(payload), error)
+        + payload
+    )
+
+
+def decodeRequest(data: Buffer, maxSize: int) -> Message:
+    """
+    Parse one request exactly as it arrived (one datagram or ring chunk).
+
+    Stricter than libqb 2.0.6, which trusts ``hdr.size``: the declared size
+    must equal the real length, lie within ``maxSize`` and cover the header,
+    so no handler is ever given a length that disagrees with its bytes.
+
+    @raise MalformedMessage: the framing is wrong.
+    """
+    length = len(data)
+    if length < REQUEST_HEADER_SIZE:
+        raise MalformedMessage(
+            errno.EBADMSG,
+            f"request of {length} bytes is shorter than its"
+            f" {REQUEST_HEADER_SIZE}-byte header",
+        )
+    msgId, size = REQUEST_HEADER.unpack_from(data)
+    _checkSize(size, length, maxSize, "request")
+    return Message(msgId, 0, bytes(data[REQUEST_HEADER_SIZE:]))
+
+
+def decodeResponse(data: Buffer, maxSize: int) -> Message:
+    """
+    Parse one response or event exactly as it arrived.
+
+    A C server may send a response a little larger than the negotiated size
+    (``qb_ipcs_response_send`` does not check it), so callers pass the size
+    of the buffer they were prepared to read rather than the negotiated one.
+
+    @raise MalformedMessage: the framing is wrong.
+    """
+    length = len(data)
+    if length < RESPONSE_HEADER_SIZE:
+        raise MalformedMessage(
+            errno.EBADMSG,
+            f"response of {length} bytes is shorter than its"
+            f" {RESPONSE_HEADER_SIZE}-byte header",
+        )
+    msgId, size, error = RESPONSE_HEADER.unpack_from(data)
+    _checkSize(size, length, maxSize, "response")
+    return Message(msgId, error, bytes(data[RESPONSE_HEADER_SIZE:]))
+
+
+def _checkSize(size: int, length: int, maxSize: int, what: str) -> None:
+    if size <= 0:
+        raise MalformedMessage(errno.EBADMSG, f"{what} header declares size {size}")
+    if size > maxSize:
+        raise MalformedMessage(
+            errno.EMSGSIZE,
+            f"{what} header declares size {size}, more than the maximum {maxSize}",
+        )
+    if size != length:
+        raise MalformedMessage(
+            errno.EBADMSG,
+            f"{what} header declares size {size} but {length} bytes arrived",
+        )

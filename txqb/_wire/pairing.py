@@ -1,0 +1,70 @@
+"""
+Pairing responses with requests, by position.
+
+libqb matches a response to a request by order alone: the n-th response on
+a connection answers the n-th request.  A client that gives up on a request
+(cancelled, timed out) must therefore keep its place in the queue, so that
+the late response is read and thrown away instead of being handed to the
+next request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Deque, Generic, List, Optional, TypeVar
+
+__all__ = ["Slot", "ReplyQueue"]
+
+T = TypeVar("T")
+
+
+class Slot(Generic[T]):
+    """One outstanding request's place in the queue."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(self, waiter: T) -> None:
+        self.waiter: Optional[T] = waiter
+
+    def abandon(self) -> None:
+        """Keep the place but drop the waiter: its reply will be discarded."""
+        self.waiter = None
+
+
+class ReplyQueue(Generic[T]):
+    """
+    First-in, first-out queue of waiters for responses.
+
+    Sans-IO: the caller pushes a waiter when a request is sent and pops one
+    when a response arrives.
+    """
+
+    def __init__(self) -> None:
+        self._slots: Deque[Slot[T]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def push(self, waiter: T) -> Slot[T]:
+        """Append a waiter for the next response not yet claimed."""
+        slot = Slot(waiter)
+        self._slots.append(slot)
+        return slot
+
+    def pop(self) -> Optional[T]:
+        """
+        Claim the oldest slot for a response that has just arrived.
+
+        @return: its waiter, or L{None} when that request was abandoned.
+        @raise LookupError: no request is outstanding (an unsolicited
+            response).
+        """
+        if not self._slots:
+            raise LookupError("response arrived with no request outstanding")
+        return self._slots.popleft().waiter
+
+    def drain(self) -> List[T]:
+        """Empty the queue, returning the waiters still interested."""
+        waiters = [slot.waiter for slot in self._slots if slot.waiter is not None]
+        self._slots.clear()
+        return waiters

@@ -1,0 +1,617 @@
+"""
+libqb-compatible clients on Twisted.
+
+L{connect} opens a connection to any libqb service (a C daemon such as
+corosync or pacemaker, or a txqb server) and returns a L{Client} whose
+requests are L{Deferred}s: many may be outstanding at once, paired with
+their responses by order as libqb does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import deque
+from typing import Any, Callable, Deque, List, Optional, Union
+
+from twisted.internet import main
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txqb._posix.sockets import Credentials, peerCredentials, streamClient
+from txqb._reactor.sockettransport import ClientSocketChannels
+from txqb._reactor.stream import UnixStreamTransport
+from txqb._wire.handshake import (
+    CONNECTION_RESPONSE_SIZE,
+    MIN_CLIENT_MAX_MSG_SIZE,
+    TRANSPORT_SHM,
+    TRANSPORT_SOCKET,
+    ConnectionRequest,
+    ConnectionResponse,
+)
+from txqb._wire.headers import (
+    MalformedMessage,
+    Message,
+    decodeResponse,
+    encodeRequest,
+)
+from txqb._wire.naming import DEFAULT_SOCKET_DIR, serviceAddress
+from txqb._wire.pairing import ReplyQueue, Slot
+from txqb.errors import (
+    ConnectionLostError,
+    MessageTooLargeError,
+    ProtocolError,
+    QBError,
+    QBTimeoutError,
+    RefusedError,
+    ServiceNotFoundError,
+)
+from txqb.server import filesystemSocketsForced
+
+__all__ = ["connect", "Client", "EventStream", "DEFAULT_MAX_MESSAGE_SIZE"]
+
+log = Logger(namespace="txqb.client")
+
+DEFAULT_MAX_MESSAGE_SIZE = 65536
+"""The message size a client asks for unless told otherwise."""
+
+DEFAULT_CONNECT_TIMEOUT = 30.0
+"""Seconds L{connect} waits for a server's handshake by default."""
+
+RESPONSE_SLACK = 4096
+"""
+Extra bytes a client accepts beyond the negotiated size in a response: C
+servers do not check response sizes (an echo of a maximal request comes
+back 8 bytes longer).
+"""
+
+_BACKLOG_RETRY = 0.005
+_FC_POLL_FIRST = 0.001
+_FC_POLL_MAX = 0.02
+
+
+class _SetupProtocol(Protocol):
+    """Feeds the setup socket to whoever owns the connection now."""
+
+    def __init__(self, owner: Union[_Connector, Client]) -> None:
+        self.owner = owner
+
+    def dataReceived(self, data: bytes) -> None:
+        self.owner._setupData(data)
+
+    def connectionLost(self, reason: Failure = main.CONNECTION_DONE) -> None:  # type: ignore[assignment]
+        self.owner._setupLost(reason)
+
+
+class _Outgoing:
+    """A request or send held back by flow control."""
+
+    __slots__ = ("data", "deferred", "expectsReply", "slot", "cancelled")
+
+    def __init__(self, data: bytes, deferred: Deferred[Any], expectsReply: bool) -> None:
+        self.data = data
+        self.deferred = deferred
+        self.expectsReply = expectsReply
+        self.slot: Optional[Slot[Deferred[Any]]] = None
+        self.cancelled = False
+
+
+class EventStream:
+    """
+    The client's events as an asynchronous iterator::
+
+        async for event in client.events():
+            print(event.id, event.payload)
+
+    Events are buffered while the consumer is busy; beyond C{highWater}
+    buffered events the client stops reading them, so the server's
+    L{sendEvent<txqb.server.ServerConnection.sendEvent>} waits instead of
+    memory growing.  The iteration ends when the client disconnects and
+    raises L{ConnectionLostError} when the connection is lost.
+    """
+
+    def __init__(self, client: Client, highWater: int) -> None:
+        self._client = client
+        self._highWater = highWater
+        self._queue: Deque[Message] = deque()
+        self._waiting: Optional[Deferred[None]] = None
+        self._end: Optional[BaseException] = None
+        self._paused = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        while not self._queue:
+            if self._end is not None:
+                if isinstance(self._end, StopAsyncIteration):
+                    raise StopAsyncIteration
+                raise self._end
+            self._waiting = Deferred()
+            await self._waiting
+        event = self._queue.popleft()
+        if self._paused and len(self._queue) <= self._highWater // 2:
+            self._paused = False
+            self._client._resumeEvents()
+        return event
+
+    def _deliver(self, event: Message) -> None:
+        self._queue.append(event)
+        if not self._paused and len(self._queue) > self._highWater:
+            self._paused = True
+            self._client._pauseEvents()
+        self._wake()
+
+    def _finish(self, error: BaseException) -> None:
+        if self._end is None:
+            self._end = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+
+class Client:
+    """
+    A connection to a libqb service (``qb_ipcc_connection_t``).
+
+    Made by L{connect}.
+
+    @ivar serverCredentials: the server's pid, uid and gid, from the
+        kernel (``qb_ipcc_auth_get``); check them before trusting a
+        privileged daemon.
+    @ivar maxMessageSize: the negotiated size
+        (``qb_ipcc_get_buffer_size``).
+    @ivar transportType: the transport the server chose.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        name: str,
+        transport: UnixStreamTransport,
+        response: ConnectionResponse,
+        credentials: Credentials,
+        eventReceived: Optional[Callable[[Message], None]],
+        fcEnableMax: int,
+    ) -> None:
+        self.name = name
+        self._reactor = reactor
+        self._transport = transport
+        self.serverCredentials = credentials
+        self.maxMessageSize = response.maxMessageSize
+        self.transportType = response.transport
+        self.fcEnableMax = fcEnableMax
+        self._receiveSize = self.maxMessageSize + RESPONSE_SLACK
+        self._eventCallback = eventReceived
+        self._stream: Optional[EventStream] = None
+        self._replies: ReplyQueue[Deferred[Message]] = ReplyQueue()
+        self._blocked: Deque[_Outgoing] = deque()
+        self._fcCall: Optional[IDelayedCall] = None
+        self._fcDelay = _FC_POLL_FIRST
+        self._lost: Optional[BaseException] = None
+        self._disconnectWaiters: List[Deferred[None]] = []
+        self.requestsSent = 0
+        self.responsesReceived = 0
+        self.eventsReceived = 0
+        self.flowControlWaits = 0
+        if response.transport != TRANSPORT_SOCKET:
+            raise QBError(
+                f"server chose transport {response.transport}, which txqb's client"
+                " does not speak yet",
+                errno.ENOTSUP,
+            )
+        self._channels = ClientSocketChannels(
+            reactor,
+            response.request,
+            response.response,
+            self.maxMessageSize,
+            self._receiveSize,
+            self._responseReceived,
+            self._eventReceived,
+            self._channelFailed,
+        )
+
+    def __repr__(self) -> str:
+        return f"<txqb client {self.name!r} {'connected' if self.connected else 'closed'}>"
+
+    @property
+    def _clock(self) -> IReactorTime:
+        return self._reactor  # type: ignore[return-value]
+
+    # Public API
+
+    @property
+    def connected(self) -> bool:
+        """True until the connection is closed or lost (``qb_ipcc_is_connected``)."""
+        return self._lost is None
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent whose responses have not arrived yet."""
+        return len(self._replies)
+
+    def request(
+        self, msgId: int, payload: bytes = b"", timeout: Optional[float] = None
+    ) -> Deferred[Message]:
+        """
+        Send a request and wait for its response (``qb_ipcc_sendv_recv``).
+
+        Any number may be outstanding; each response goes to the oldest
+        request still waiting.  Cancelling the L{Deferred}, or its
+        C{timeout} expiring, keeps the request's place: its late response
+        is read and dropped, so later requests still get their own.
+
+        @return: a L{Deferred} firing with the response L{Message}, or
+            failing with L{MessageTooLargeError} (nothing sent),
+            L{QBTimeoutError}, L{ProtocolError} (a malformed response) or
+            L{ConnectionLostError}.
+        """
+        d: Deferred[Message] = self._submit(msgId, payload, expectsReply=True)
+        if timeout is not None and not d.called:
+            d.addTimeout(timeout, self._clock, self._timedOut)
+        return d
+
+    def send(self, msgId: int, payload: bytes = b"") -> Deferred[None]:
+        """
+        Send a request that expects no response (``qb_ipcc_send``).
+
+        @return: a L{Deferred} that fires once the message is in the
+            server's queue.  While the server has flow control on it waits
+            (libqb's C client returns ``-EAGAIN`` instead).  A response the
+            server sends anyway is handed to the oldest waiting L{request},
+            exactly as in libqb, so use this only for messages the service
+            never answers.
+        """
+        return self._submit(msgId, payload, expectsReply=False)
+
+    def events(self, highWater: int = 10000) -> EventStream:
+        """The client's events as an asynchronous iterator (L{EventStream})."""
+        if self._stream is None:
+            self._stream = EventStream(self, highWater)
+            if self._lost is not None:
+                self._stream._finish(self._lost)
+        return self._stream
+
+    def disconnect(self) -> Deferred[None]:
+        """
+        Close the connection (``qb_ipcc_disconnect``); outstanding requests
+        fail with L{ConnectionLostError}.
+        """
+        self._shutDown(StopAsyncIteration(), ConnectionLostError("disconnected by the client"))
+        return succeed(None)
+
+    def whenDisconnected(self) -> Deferred[None]:
+        """A L{Deferred} that fires once the connection is closed or lost."""
+        if self._lost is not None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._disconnectWaiters.append(d)
+        return d
+
+    # Sending
+
+    def _submit(self, msgId: int, payload: bytes, expectsReply: bool) -> Deferred[Any]:
+        if self._lost is not None:
+            return fail(ConnectionLostError(f"{self!r}: {self._lost}"))
+        data = encodeRequest(msgId, payload)
+        if len(data) > self.maxMessageSize:
+            return fail(
+                MessageTooLargeError(
+                    f"request of {len(data)} bytes exceeds the connection's"
+                    f" {self.maxMessageSize}-byte limit"
+                )
+            )
+        item = _Outgoing(data, Deferred(lambda d: self._cancel(item)), expectsReply)
+        if self._blocked or self._flowControlled():
+            self._blocked.append(item)
+            self._waitForFlowControl()
+        else:
+            self._transmit(item)
+        return item.deferred
+
+    def _flowControlled(self) -> bool:
+        fc = self._channels.flowControl()
+        return 0 < fc <= self.fcEnableMax
+
+    def _transmit(self, item: _Outgoing) -> None:
+        try:
+            queued = self._channels.sendRequest(item.data)
+        except OSError as e:
+            item.deferred.errback(QBError(f"send failed: {e.strerror}", e.errno))
+            return
+        self.requestsSent += 1
+        if item.expectsReply:
+            item.slot = self._replies.push(item.deferred)
+            if queued is not None:
+                queued.addErrback(lambda _: None)
+        elif queued is None:
+            item.deferred.callback(None)
+        else:
+            queued.addCallbacks(item.deferred.callback, item.deferred.errback)
+
+    def _cancel(self, item: _Outgoing) -> None:
+        if item.slot is not None:
+            item.slot.abandon()
+        else:
+            item.cancelled = True
+
+    def _timedOut(self, result: Any, timeout: float) -> Any:
+        if isinstance(result, Failure) and result.check(CancelledError):
+            raise QBTimeoutError(f"no response within {timeout} s")
+        return result
+
+    def _waitForFlowControl(self) -> None:
+        if self._fcCall is None:
+            self.flowControlWaits += 1
+            self._fcCall = self._clock.callLater(self._fcDelay, self._pump)
+            self._fcDelay = min(self._fcDelay * 2, _FC_POLL_MAX)
+
+    def _pump(self) -> None:
+        self._fcCall = None
+        blocked = self._blocked
+        while blocked:
+            if self._lost is not None:
+                return
+            if blocked[0].cancelled:
+                blocked.popleft()
+                continue
+            if self._flowControlled():
+                self._waitForFlowControl()
+                return
+            self._transmit(blocked.popleft())
+        self._fcDelay = _FC_POLL_FIRST
+
+    # Receiving
+
+    def _responseReceived(self, data: bytes) -> None:
+        self._channels.drainEvents()
+        try:
+            waiter = self._replies.pop()
+        except LookupError:
+            log.warn("{c!r}: dropping a response no request is waiting for", c=self)
+            return
+        self.responsesReceived += 1
+        if waiter is None:
+            return
+        try:
+            message = decodeResponse(data, self._receiveSize)
+        except MalformedMessage as e:
+            waiter.errback(ProtocolError(f"malformed response: {e.reason}", e.errno))
+            return
+        waiter.callback(message)
+
+    def _eventReceived(self, data: bytes) -> None:
+        try:
+            event = decodeResponse(data, self._receiveSize)
+        except MalformedMessage as e:
+            log.error("{c!r}: dropping a malformed event: {why}", c=self, why=e.reason)
+            return
+        self.eventsReceived += 1
+        if self._eventCallback is not None:
+            try:
+                self._eventCallback(event)
+            except Exception:
+                log.failure("{c!r}: event callback failed", c=self)
+        if self._stream is not None:
+            self._stream._deliver(event)
+
+    def _pauseEvents(self) -> None:
+        if self._lost is None:
+            self._channels.pauseEvents()
+
+    def _resumeEvents(self) -> None:
+        if self._lost is None:
+            self._channels.resumeEvents()
+
+    # Teardown
+
+    def _setupData(self, data: bytes) -> None:
+        self._channels.setupBytesReceived(data)
+
+    def _setupLost(self, reason: Failure) -> None:
+        error = ConnectionLostError(f"service {self.name!r} closed the connection")
+        self._shutDown(error, error)
+
+    def _channelFailed(self, error: BaseException) -> None:
+        lost = ConnectionLostError(f"service {self.name!r}: transport failed: {error}")
+        self._shutDown(lost, lost)
+
+    def _shutDown(self, streamEnd: BaseException, error: ConnectionLostError) -> None:
+        if self._lost is not None:
+            return
+        self._lost = error
+        if self._fcCall is not None:
+            self._fcCall.cancel()
+            self._fcCall = None
+        self._transport.abortConnection()
+        self._channels.close(error)
+        waiters = self._replies.drain()
+        blocked, self._blocked = self._blocked, deque()
+        waiters.extend(item.deferred for item in blocked if not item.cancelled)
+        for d in waiters:
+            d.errback(error)
+        if self._stream is not None:
+            self._stream._finish(streamEnd)
+        done, self._disconnectWaiters = self._disconnectWaiters, []
+        for w in done:
+            w.callback(None)
+
+
+class _Connector:
+    """The client half of the handshake, as a small state machine."""
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        name: str,
+        address: bytes,
+        maxMessageSize: int,
+        timeout: float,
+        eventReceived: Optional[Callable[[Message], None]],
+        fcEnableMax: int,
+    ) -> None:
+        self._reactor = reactor
+        self._name = name
+        self._address = address
+        self._maxMessageSize = max(maxMessageSize, MIN_CLIENT_MAX_MSG_SIZE)
+        self._eventReceived = eventReceived
+        self._fcEnableMax = fcEnableMax
+        self._buffer = b""
+        self._transport: Optional[UnixStreamTransport] = None
+        self._retry: Optional[IDelayedCall] = None
+        self.deferred: Deferred[Client] = Deferred(lambda _: self._abort())
+        clock: IReactorTime = reactor  # type: ignore[assignment]
+        self._timer: Optional[IDelayedCall] = clock.callLater(timeout, self._timedOut, timeout)
+
+    def start(self) -> None:
+        self._retry = None
+        try:
+            sock = streamClient(self._address)
+        except (BlockingIOError, InterruptedError):
+            # The server's backlog is full: a unix-socket connect cannot be
+            # waited for, so try again shortly (never block the reactor).
+            clock: IReactorTime = self._reactor  # type: ignore[assignment]
+            self._retry = clock.callLater(_BACKLOG_RETRY, self.start)
+            return
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                self._fail(
+                    ServiceNotFoundError(f"no libqb service {self._name!r} is listening", e.errno)
+                )
+            else:
+                self._fail(QBError(f"cannot connect to {self._name!r}: {e.strerror}", e.errno))
+            return
+        self._transport = UnixStreamTransport(
+            sock, _SetupProtocol(self), self._reactor, self._address, wantCredentials=True
+        )
+        self._transport.write(ConnectionRequest(self._maxMessageSize).encode())
+        self._transport.startReading()
+
+    def _setupData(self, data: bytes) -> None:
+        # Unlike libqb 2.0.6, which fails with EAGAIN if the 12328-byte
+        # response is not all there at the first wake-up, accumulate it.
+        self._buffer += data
+        if len(self._buffer) < CONNECTION_RESPONSE_SIZE:
+            return
+        transport = self._transport
+        assert transport is not None
+        raw = self._buffer[:CONNECTION_RESPONSE_SIZE]
+        rest = self._buffer[CONNECTION_RESPONSE_SIZE:]
+        self._buffer = b""
+        try:
+            response = ConnectionResponse.decode(raw)
+        except MalformedMessage as e:
+            self._fail(ProtocolError(f"bad connection response: {e.reason}", e.errno))
+            return
+        if response.error != 0:
+            self._fail(RefusedError.fromResponse(self._name, response.error))
+            return
+        transport.wantCredentials = False
+        credentials = transport.credentials or peerCredentials(transport.socket)
+        try:
+            client = Client(
+                self._reactor,
+                self._name,
+                transport,
+                response,
+                credentials,
+                self._eventReceived,
+                self._fcEnableMax,
+            )
+        except QBError as e:
+            self._fail(e)
+            return
+        except (OSError, ValueError) as e:
+            code = getattr(e, "errno", None) or errno.EBADMSG
+            self._fail(QBError(f"cannot open the server's transport: {e}", code))
+            return
+        self._stopTimers()
+        protocol = transport.protocol
+        assert isinstance(protocol, _SetupProtocol)
+        protocol.owner = client
+        self.deferred.callback(client)
+        if rest:
+            client._setupData(rest)
+
+    def _setupLost(self, reason: Failure) -> None:
+        self._transport = None
+        self._fail(
+            ConnectionLostError(f"service {self._name!r} closed the connection during the handshake")
+        )
+
+    def _timedOut(self, timeout: float) -> None:
+        self._timer = None
+        self._fail(QBTimeoutError(f"service {self._name!r} did not answer within {timeout} s"))
+
+    def _stopTimers(self) -> None:
+        for call in (self._timer, self._retry):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._retry = None
+
+    def _abort(self) -> None:
+        self._stopTimers()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abortConnection()
+
+    def _fail(self, error: BaseException) -> None:
+        if self.deferred.called:
+            return
+        self._abort()
+        self.deferred.errback(error)
+
+
+def connect(
+    reactor: IReactorFDSet,
+    name: str,
+    maxMessageSize: int = DEFAULT_MAX_MESSAGE_SIZE,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    eventReceived: Optional[Callable[[Message], None]] = None,
+    fcEnableMax: int = 1,
+    filesystemSockets: Optional[bool] = None,
+    socketDirectory: str = DEFAULT_SOCKET_DIR,
+) -> Deferred[Client]:
+    """
+    Connect to the libqb service C{name} (``qb_ipcc_connect``), without
+    ever blocking the reactor.
+
+    @param reactor: any reactor providing L{IReactorFDSet} and
+        L{IReactorTime}.
+    @param maxMessageSize: the message size to ask for; raised to libqb's
+        client minimum of 12328.  The server may grant more.
+    @param timeout: seconds to wait for the server's handshake.
+    @param eventReceived: called with every event (a L{Message}); events
+        are also available from L{Client.events}.
+    @param fcEnableMax: the highest flow-control value that holds sends
+        back (``qb_ipcc_fc_enable_max_set``): 1 by default, 2 to honour
+        C{RATE_OFF_2} too, 0 to ignore flow control.
+    @param filesystemSockets: connect to a filesystem socket in
+        C{socketDirectory}; by default, when
+        C{/etc/libqb/force-filesystem-sockets} exists, as libqb decides.
+    @return: a cancellable L{Deferred} firing with a L{Client}; it fails
+        with L{ServiceNotFoundError}, L{RefusedError} (carrying the
+        server's errno), L{QBTimeoutError} or L{ConnectionLostError}.
+    """
+    if fcEnableMax not in (0, 1, 2):
+        return fail(ValueError("fcEnableMax must be 0, 1 or 2, as in libqb"))
+    try:
+        address = serviceAddress(
+            name,
+            filesystemSocketsForced() if filesystemSockets is None else filesystemSockets,
+            socketDirectory,
+        )
+    except ValueError as e:
+        return fail(e)
+    connector = _Connector(
+        reactor, name, address, maxMessageSize, timeout, eventReceived, fcEnableMax
+    )
+    connector.start()
+    return connector.deferred
