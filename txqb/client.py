@@ -69,6 +69,18 @@ servers do not check response sizes (an echo of a maximal request comes
 back 8 bytes longer).
 """
 
+DEFAULT_MAX_IN_FLIGHT = 32
+"""
+Requests a client keeps on the wire at once by default; more wait in the
+client.  A C libqb server does not retry a response it cannot send at once
+(``-EAGAIN``): it drops it, which would break the pairing of every later
+response.  Keeping the responses in flight within what its socket buffer
+holds makes pipelining safe against any libqb server.
+"""
+
+DEFAULT_MAX_IN_FLIGHT_BYTES = 128 * 1024
+"""Request bytes a client keeps on the wire at once by default (see above)."""
+
 _BACKLOG_RETRY = 0.005
 _FC_POLL_FIRST = 0.001
 _FC_POLL_MAX = 0.02
@@ -180,8 +192,14 @@ class Client:
         credentials: Credentials,
         eventReceived: Optional[Callable[[Message], None]],
         fcEnableMax: int,
+        maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
+        maxInFlightBytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
     ) -> None:
         self.name = name
+        self.maxInFlight = maxInFlight
+        self.maxInFlightBytes = maxInFlightBytes
+        self._inFlightSizes: Deque[int] = deque()
+        self._inFlightBytes = 0
         self._reactor = reactor
         self._transport = transport
         self.serverCredentials = credentials
@@ -309,9 +327,10 @@ class Client:
                 )
             )
         item = _Outgoing(data, Deferred(lambda d: self._cancel(item)), expectsReply)
-        if self._blocked or self._flowControlled():
+        if self._blocked or not self._ready(item):
             self._blocked.append(item)
-            self._waitForFlowControl()
+            if self._flowControlled():
+                self._waitForFlowControl()
         else:
             self._transmit(item)
         return item.deferred
@@ -319,6 +338,16 @@ class Client:
     def _flowControlled(self) -> bool:
         fc = self._channels.flowControl()
         return 0 < fc <= self.fcEnableMax
+
+    def _ready(self, item: _Outgoing) -> bool:
+        # The window applies only while something is in flight, so one
+        # request always goes: the window can never deadlock.
+        if item.expectsReply and self._replies and (
+            len(self._replies) >= self.maxInFlight
+            or self._inFlightBytes >= self.maxInFlightBytes
+        ):
+            return False
+        return not self._flowControlled()
 
     def _transmit(self, item: _Outgoing) -> None:
         try:
@@ -329,6 +358,9 @@ class Client:
         self.requestsSent += 1
         if item.expectsReply:
             item.slot = self._replies.push(item.deferred)
+            size = len(item.data)
+            self._inFlightSizes.append(size)
+            self._inFlightBytes += size
             if queued is not None:
                 queued.addErrback(lambda _: None)
         elif queued is None:
@@ -362,8 +394,11 @@ class Client:
             if blocked[0].cancelled:
                 blocked.popleft()
                 continue
-            if self._flowControlled():
-                self._waitForFlowControl()
+            if not self._ready(blocked[0]):
+                # Either flow control (poll for it) or a full window (the
+                # next response pumps again).
+                if self._flowControlled():
+                    self._waitForFlowControl()
                 return
             self._transmit(blocked.popleft())
         self._fcDelay = _FC_POLL_FIRST
@@ -377,7 +412,10 @@ class Client:
         except LookupError:
             log.warn("{c!r}: dropping a response no request is waiting for", c=self)
             return
+        self._inFlightBytes -= self._inFlightSizes.popleft()
         self.responsesReceived += 1
+        if self._blocked and self._fcCall is None:
+            self._pump()
         if waiter is None:
             return
         try:
@@ -416,6 +454,10 @@ class Client:
         self._channels.setupBytesReceived(data)
 
     def _setupLost(self, reason: Failure) -> None:
+        if self._lost is None:
+            # Deliver what the server sent before it went away: its last
+            # responses and events may still sit in our queues.
+            self._channels.drain()
         error = ConnectionLostError(f"service {self.name!r} closed the connection")
         self._shutDown(error, error)
 
@@ -456,9 +498,12 @@ class _Connector:
         timeout: float,
         eventReceived: Optional[Callable[[Message], None]],
         fcEnableMax: int,
+        maxInFlight: int,
+        maxInFlightBytes: int,
     ) -> None:
         self._reactor = reactor
         self._name = name
+        self._window = (maxInFlight, maxInFlightBytes)
         self._address = address
         self._maxMessageSize = max(maxMessageSize, MIN_CLIENT_MAX_MSG_SIZE)
         self._eventReceived = eventReceived
@@ -466,6 +511,7 @@ class _Connector:
         self._buffer = b""
         self._transport: Optional[UnixStreamTransport] = None
         self._retry: Optional[IDelayedCall] = None
+        self._done = False
         self.deferred: Deferred[Client] = Deferred(lambda _: self._abort())
         clock: IReactorTime = reactor  # type: ignore[assignment]
         self._timer: Optional[IDelayedCall] = clock.callLater(timeout, self._timedOut, timeout)
@@ -524,6 +570,7 @@ class _Connector:
                 credentials,
                 self._eventReceived,
                 self._fcEnableMax,
+                *self._window,
             )
         except QBError as e:
             self._fail(e)
@@ -533,6 +580,7 @@ class _Connector:
             self._fail(QBError(f"cannot open the server's transport: {e}", code))
             return
         self._stopTimers()
+        self._done = True
         protocol = transport.protocol
         assert isinstance(protocol, _SetupProtocol)
         protocol.owner = client
@@ -541,6 +589,8 @@ class _Connector:
             client._setupData(rest)
 
     def _setupLost(self, reason: Failure) -> None:
+        if self._done:
+            return
         self._transport = None
         self._fail(
             ConnectionLostError(f"service {self._name!r} closed the connection during the handshake")
@@ -557,13 +607,16 @@ class _Connector:
         self._timer = self._retry = None
 
     def _abort(self) -> None:
+        # Set first: closing the transport below reports a lost connection,
+        # which must not overtake the error (or cancellation) being reported.
+        self._done = True
         self._stopTimers()
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.abortConnection()
 
     def _fail(self, error: BaseException) -> None:
-        if self.deferred.called:
+        if self._done:
             return
         self._abort()
         self.deferred.errback(error)
@@ -578,6 +631,8 @@ def connect(
     fcEnableMax: int = 1,
     filesystemSockets: Optional[bool] = None,
     socketDirectory: str = DEFAULT_SOCKET_DIR,
+    maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
+    maxInFlightBytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
 ) -> Deferred[Client]:
     """
     Connect to the libqb service C{name} (``qb_ipcc_connect``), without
@@ -596,12 +651,18 @@ def connect(
     @param filesystemSockets: connect to a filesystem socket in
         C{socketDirectory}; by default, when
         C{/etc/libqb/force-filesystem-sockets} exists, as libqb decides.
+    @param maxInFlight: requests kept on the wire at once; more wait in
+        the client (see L{DEFAULT_MAX_IN_FLIGHT} for why).  Raise it
+        against txqb servers, which never drop a response.
+    @param maxInFlightBytes: request bytes kept on the wire at once.
     @return: a cancellable L{Deferred} firing with a L{Client}; it fails
         with L{ServiceNotFoundError}, L{RefusedError} (carrying the
         server's errno), L{QBTimeoutError} or L{ConnectionLostError}.
     """
     if fcEnableMax not in (0, 1, 2):
         return fail(ValueError("fcEnableMax must be 0, 1 or 2, as in libqb"))
+    if maxInFlight < 1 or maxInFlightBytes < 1:
+        return fail(ValueError("maxInFlight and maxInFlightBytes must be positive"))
     try:
         address = serviceAddress(
             name,
@@ -611,7 +672,15 @@ def connect(
     except ValueError as e:
         return fail(e)
     connector = _Connector(
-        reactor, name, address, maxMessageSize, timeout, eventReceived, fcEnableMax
+        reactor,
+        name,
+        address,
+        maxMessageSize,
+        timeout,
+        eventReceived,
+        fcEnableMax,
+        maxInFlight,
+        maxInFlightBytes,
     )
     connector.start()
     return connector.deferred

@@ -73,6 +73,7 @@ class DatagramChannel:
         self._queue: Deque[Tuple[bytes, Deferred[None]]] = deque()
         self._reading = False
         self._writing = False
+        self._reset: Optional[OSError] = None
         self.closed = False
 
     # IReadDescriptor / IWriteDescriptor
@@ -104,13 +105,22 @@ class DatagramChannel:
             limit -= 1
             try:
                 n = sock.recv_into(buffer)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
+                if self._reset is not None:
+                    self._fail(self._reset)
                 return None
+            except InterruptedError:
+                continue
             except OSError as e:
+                if e.errno == errno.ECONNRESET and self._reset is None:
+                    # Linux reports the peer's close before the datagrams
+                    # it sent are read; read those first, then fail.
+                    self._reset = e
+                    continue
                 self._fail(e)
                 return None
             self._onDatagram(bytes(view[:n]))
-            if not self._reading:
+            if self.closed or not self._reading:
                 return None
         return None
 

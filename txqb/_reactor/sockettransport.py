@@ -206,16 +206,16 @@ class ClientSocketChannels:
 
     def drainEvents(self) -> None:
         """
-        Read the events already queued, if the control file says there are
-        any, so that events the server sent before a response are
-        delivered before it (unix datagrams are queued at send time).
+        Read the events already queued, so that events the server sent
+        before a response are delivered before it (a unix datagram is in
+        the receiver's queue as soon as it is sent).
+
+        The control file's event count cannot say whether any are queued:
+        this client's decrements are not atomic and may lose the server's
+        increments, so it may read low.  One non-blocking read costs less
+        than a wrong answer.
         """
-        control = self._control
-        if (
-            control is not None
-            and self.events.reading
-            and _INT32.unpack_from(control, _EVENT_SENT)[0] > 0
-        ):
+        if self.events.reading:
             self.events.drain()
 
     def _eventReceived(self, data: bytes) -> None:
@@ -236,6 +236,12 @@ class ClientSocketChannels:
         if self._control is not None:
             _add(self._control, _REQUEST_SENT, 1)
         return result
+
+    def drain(self) -> None:
+        """Deliver every response and event already queued."""
+        for channel in (self.events, self.requests):
+            if not channel.closed:
+                channel.drain()
 
     def pauseEvents(self) -> None:
         """Stop reading events; the server's sends back up and wait."""

@@ -1,0 +1,146 @@
+"""
+Fixtures for txqb's tests.
+
+* C{reactor}: the reactor pytest-twisted installed (``--reactor`` picks
+  it: default, asyncio, ...).
+* An autouse cleanliness check, in the spirit of trial's dirty-reactor
+  error and libqb's ``resources.test``: after every test no delayed call,
+  reader or writer beyond the baseline remains, no file descriptor leaked,
+  and no ``/dev/shm/qb-*`` or ``/tmp`` socket the test made is left.  A
+  failure names what leaked.
+* C{cpeers}: our C libqb peers, built with gcc against the system's libqb.
+  Under ``CI=true`` a missing libqb fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+from typing import Any, Iterator, Set
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from peers.build import Peers, PeersUnavailable, build  # noqa: E402
+
+_SETTLE_STEPS = 100
+_SETTLE_DELAY = 0.01
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@pytest.fixture
+def reactor() -> Any:
+    """The running reactor (pytest-twisted drives it in a greenlet)."""
+    return _reactor()
+
+
+def _fds() -> Set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def _fdTarget(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def _shmEntries() -> Set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("qb-")}
+
+
+def _tmpSockets() -> Set[str]:
+    return {n for n in os.listdir("/tmp") if n.startswith("txqbtest")}
+
+
+def _state(reactor: Any) -> tuple[Set[Any], Set[Any], int]:
+    return set(reactor.getReaders()), set(reactor.getWriters()), len(reactor.getDelayedCalls())
+
+
+@pytest.fixture(scope="session")
+def _reactorStarted() -> None:
+    # The reactor adds its own wakers and signal pipes when it first runs;
+    # let that happen before any test takes its baseline.
+    pytest_twisted.blockon(task.deferLater(_reactor(), 0, lambda: None))
+
+
+@pytest.fixture(autouse=True)
+def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[None]:
+    """Fail a test that leaves anything behind (see the module docstring)."""
+    reactor = _reactor()
+    readers, writers, _ = _state(reactor)
+    fds, shm, socks = _fds(), _shmEntries(), _tmpSockets()
+    yield
+    problems = []
+    for _ in range(_SETTLE_STEPS):
+        nowReaders, nowWriters, calls = _state(reactor)
+        leakedFds = _fds() - fds
+        if (
+            nowReaders <= readers
+            and nowWriters <= writers
+            and calls == 0
+            and not leakedFds
+            and _shmEntries() <= shm
+        ):
+            break
+        # Give in-flight teardown (process reaping, closing callbacks) a
+        # chance to finish before judging.
+        pytest_twisted.blockon(task.deferLater(reactor, _SETTLE_DELAY, lambda: None))
+    nowReaders, nowWriters, calls = _state(reactor)
+    if nowReaders - readers:
+        problems.append(f"readers left: {nowReaders - readers}")
+    if nowWriters - writers:
+        problems.append(f"writers left: {nowWriters - writers}")
+    if calls:
+        pending = reactor.getDelayedCalls()
+        problems.append(f"delayed calls left: {pending}")
+        for call in pending:
+            call.cancel()
+    leaked = _fds() - fds
+    if leaked:
+        problems.append(
+            "fds leaked: " + ", ".join(f"{fd}->{_fdTarget(fd)}" for fd in sorted(leaked))
+        )
+    shmLeft = _shmEntries() - shm
+    if shmLeft:
+        problems.append(f"/dev/shm entries left: {sorted(shmLeft)}")
+    socksLeft = _tmpSockets() - socks
+    if socksLeft:
+        problems.append(f"/tmp sockets left: {sorted(socksLeft)}")
+    if problems:
+        pytest.fail("test left state behind: " + "; ".join(problems))
+
+
+@pytest.fixture(scope="session")
+def cpeers(tmp_path_factory: pytest.TempPathFactory) -> Peers:
+    """The C libqb peers (see tests/peers/)."""
+    try:
+        return build(tmp_path_factory.mktemp("cpeers"))
+    except PeersUnavailable as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"C libqb peers unavailable under CI: {e}")
+        pytest.skip(f"C libqb peers unavailable: {e}")
+
+
+_counter = [0]
+
+
+@pytest.fixture
+def serviceName() -> str:
+    """A service name no other test (or test run) uses."""
+    _counter[0] += 1
+    return f"txqbtest{os.getpid()}n{_counter[0]}"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say which reactor runs the tests."""
+    return f"txqb reactor: {type(_reactor()).__module__}.{type(_reactor()).__name__}"
