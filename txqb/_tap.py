@@ -66,7 +66,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["services"] = []
 
     def opt_service(self, name: str) -> None:
@@ -110,7 +110,7 @@ class QBIPCService(Service):
         maxMessageSizeCeiling: int = DEFAULT_MAX_MESSAGE_SIZE_CEILING,
         reactor: Optional[Any] = None,
     ) -> None:
-        self.name = name
+        self.name = self.serviceName = name
         self.handlers = handlers
         self.transport = transport
         self.enforceBufferSize = enforceBufferSize
@@ -126,10 +126,10 @@ class QBIPCService(Service):
             from twisted.internet import reactor
 
             self._reactor = reactor
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.service = listen(
             self._reactor,
-            self.name,
+            self.serviceName,
             self.handlers,
             transport=self.transport,
             enforceBufferSize=self.enforceBufferSize,
@@ -138,7 +138,7 @@ class QBIPCService(Service):
 
     def stopService(self) -> Optional[Deferred[None]]:
         """Stop listening and wait for every connection to be torn down."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         service, self.service = self.service, None
         if service is None:
             return None
@@ -156,5 +156,5 @@ def makeService(options: Options) -> IService:
             transport=options["transport"],
             enforceBufferSize=options["max-message-size"] or 0,
             maxMessageSizeCeiling=options["max-message-ceiling"],
-        ).setServiceParent(top)
+        ).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

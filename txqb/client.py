@@ -538,7 +538,7 @@ class _Connector:
             sock, _SetupProtocol(self), self._reactor, self._address, wantCredentials=True
         )
         self._transport.write(ConnectionRequest(self._maxMessageSize).encode())
-        self._transport.startReading()
+        self._transport.startReading()  # type: ignore[no-untyped-call]
 
     def _setupData(self, data: bytes) -> None:
         # Unlike libqb 2.0.6, which fails with EAGAIN if the 12328-byte

@@ -227,7 +227,7 @@ class ServerConnection:
         self._handshakeTimer: Optional[IDelayedCall] = self._clock.callLater(
             service.handshakeTimeout, self._handshakeTimedOut
         )
-        self._transport.startReading()
+        self._transport.startReading()  # type: ignore[no-untyped-call]
 
     @property
     def _clock(self) -> IReactorTime:
@@ -453,7 +453,7 @@ class ServerConnection:
         self._transport.write(ConnectionResponse.refusal(code).encode())
         self._state = _State.CLOSING
         # loseConnection writes the refusal first; _setupLost then finishes.
-        self._transport.loseConnection()
+        self._transport.loseConnection()  # type: ignore[no-untyped-call]
         self._finish()
 
     # Requests
@@ -512,7 +512,7 @@ class ServerConnection:
                 log.failure("{conn!r}: handler failed", result, conn=self)
             return
         if isinstance(result, Failure):
-            if result.check(QBError):
+            if isinstance(result.value, QBError):
                 code = result.value.errno
             else:
                 log.failure("{conn!r}: handler for id {id} failed", result, conn=self, id=msgId)

@@ -106,8 +106,9 @@ class DatagramChannel:
             try:
                 n = sock.recv_into(buffer)
             except BlockingIOError:
-                if self._reset is not None:
-                    self._fail(self._reset)
+                reset = self._reset
+                if reset is not None:
+                    self._fail(reset)
                 return None
             except InterruptedError:
                 continue
@@ -130,7 +131,7 @@ class DatagramChannel:
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor gave up on this descriptor."""
-        self._fail(reason.value)
+        self._fail(reason.value or OSError(errno.EBADF, "descriptor lost"))
 
     # Reading
 

@@ -137,7 +137,7 @@ class ServerSocketChannels:
         """Events sent and not yet read by the client, as libqb counts."""
         if self._control is None:
             return 0
-        return max(0, _INT32.unpack_from(self._control, _EVENT_SENT)[0])
+        return max(0, int(_INT32.unpack_from(self._control, _EVENT_SENT)[0]))
 
     def setFlowControl(self, value: int) -> None:
         """Write the flow-control word every libqb client checks."""

@@ -120,15 +120,15 @@ class UnixStreamTransport(FileDescriptor):
         """Close at once, dropping anything not yet written."""
         if self.disconnected:
             return
-        self.stopReading()
-        self.stopWriting()
+        self.stopReading()  # type: ignore[no-untyped-call]
+        self.stopWriting()  # type: ignore[no-untyped-call]
         self.connectionLost(Failure(main.CONNECTION_DONE))
 
     def connectionLost(self, reason: Failure) -> None:
         """Close the socket and tell the protocol, exactly once."""
         if self._fd < 0:
             return
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
         self._fd = -1
         self.socket.close()
         protocol, self.protocol = self.protocol, Protocol()
