@@ -8,12 +8,14 @@ Example::
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
+from txqb._wire.naming import validateServiceName
 from txqb.interfaces import IServiceHandlers
 from txqb.server import DEFAULT_MAX_MESSAGE_SIZE_CEILING, transportFromName
 
@@ -69,14 +71,23 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]
         self["services"] = []
 
-    def opt_service(self, name: str) -> None:
-        """A service to run (repeatable): one of the built-in services."""
-        if name not in BUILTIN_SERVICES:
+    def opt_service(self, spec: str) -> None:
+        """
+        A service to run (repeatable): a built-in service, served under its
+        own name or, as KIND=NAME, under the libqb name NAME.
+        """
+        kind, _, name = spec.partition("=")
+        if kind not in BUILTIN_SERVICES:
             raise usage.UsageError(
-                f"unknown service {name!r}; built-in services: "
+                f"unknown service {kind!r}; built-in services: "
                 + ", ".join(sorted(BUILTIN_SERVICES))
             )
-        self["services"].append(name)
+        name = name or kind
+        try:
+            validateServiceName(name)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["services"].append((kind, name))
 
     opt_s = opt_service
 
@@ -139,6 +150,10 @@ class QBIPCService(Service):
     def stopService(self) -> Optional[Deferred[None]]:
         """Stop listening and wait for every connection to be torn down."""
         super().stopService()  # type: ignore[no-untyped-call]
+        # SIGTERM is how an init system stops a service, not a failure: let
+        # twistd exit 0 instead of re-raising the signal at exit.
+        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
+            self._reactor._exitSignal = None
         service, self.service = self.service, None
         if service is None:
             return None
@@ -149,10 +164,10 @@ class QBIPCService(Service):
 def makeService(options: Options) -> IService:
     """Build the services named on the command line."""
     top = MultiService()
-    for name in options["services"]:
+    for kind, name in options["services"]:
         QBIPCService(
             name,
-            BUILTIN_SERVICES[name](),
+            BUILTIN_SERVICES[kind](),
             transport=options["transport"],
             enforceBufferSize=options["max-message-size"] or 0,
             maxMessageSizeCeiling=options["max-message-ceiling"],
