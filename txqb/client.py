@@ -81,6 +81,8 @@ holds makes pipelining safe against any libqb server.
 DEFAULT_MAX_IN_FLIGHT_BYTES = 128 * 1024
 """Request bytes a client keeps on the wire at once by default (see above)."""
 
+_PEER_GONE = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
+
 _BACKLOG_RETRY = 0.005
 _FC_POLL_FIRST = 0.001
 _FC_POLL_MAX = 0.02
@@ -353,7 +355,13 @@ class Client:
         try:
             queued = self._channels.sendRequest(item.data)
         except OSError as e:
-            item.deferred.errback(QBError(f"send failed: {e.strerror}", e.errno))
+            if e.errno in _PEER_GONE:
+                # The server's socket is gone: this is a lost connection,
+                # and it fails everything outstanding, this item included.
+                self._blocked.appendleft(item)
+                self._channelFailed(e)
+            else:
+                item.deferred.errback(QBError(f"send failed: {e.strerror}", e.errno))
             return
         self.requestsSent += 1
         if item.expectsReply:
