@@ -152,8 +152,9 @@ class QBIPCService(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         # SIGTERM is how an init system stops a service, not a failure: let
         # twistd exit 0 instead of re-raising the signal at exit.
-        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
-            self._reactor._exitSignal = None
+        reactor = self._reactor
+        if reactor is not None and getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+            reactor._exitSignal = None
         service, self.service = self.service, None
         if service is None:
             return None

@@ -1,0 +1,150 @@
+"""
+txqb's ring algorithm and glibc semaphore binding against real libqb's
+``qb_rb`` (ctypes into ``libqb.so.100``): libqb creates a process-shared
+ring, txqb maps the same files, and each side reads what the other wrote,
+through many wrap-arounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import subprocess
+import sys
+from typing import Any, Iterator, Tuple
+
+import pytest
+
+from txqb._posix.semaphore import SharedSemaphore
+from txqb._wire.ring import HEADER_STRUCT_SIZE, SEMAPHORE, Ring, RingError
+
+_CREATE, _SHARED_PROCESS = 0x01, 0x08
+
+
+def _libqb() -> Any:
+    try:
+        qb = ctypes.CDLL("libqb.so.100", use_errno=True)
+    except OSError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"libqb.so.100 missing under CI: {e}")
+        pytest.skip(f"libqb.so.100 missing: {e}")
+    qb.qb_rb_open.restype = ctypes.c_void_p
+    qb.qb_rb_open.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_size_t]
+    qb.qb_rb_chunk_write.restype = ctypes.c_ssize_t
+    qb.qb_rb_chunk_write.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    qb.qb_rb_chunk_read.restype = ctypes.c_ssize_t
+    qb.qb_rb_chunk_read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int32]
+    qb.qb_rb_close.argtypes = [ctypes.c_void_p]
+    return qb
+
+
+class Mapped:
+    """txqb's view of a ring libqb created."""
+
+    def __init__(self, name: str) -> None:
+        base = f"/dev/shm/qb-{name}"
+        self.maps = []
+        for suffix in ("header", "data"):
+            fd = os.open(f"{base}-{suffix}", os.O_RDWR)
+            try:
+                self.maps.append(mmap.mmap(fd, os.fstat(fd).st_size))
+            finally:
+                os.close(fd)
+        header, data = self.maps
+        assert len(header) >= HEADER_STRUCT_SIZE
+        self.sem = SharedSemaphore(header, SEMAPHORE)
+        self.ring = Ring(memoryview(header), memoryview(data), self.sem)
+
+    def close(self) -> None:
+        del self.ring
+        self.sem.release()
+        for m in self.maps:
+            m.close()
+
+
+@pytest.fixture
+def shared(serviceName: str) -> Iterator[Tuple[Any, Any, Mapped]]:
+    qb = _libqb()
+    rb = qb.qb_rb_open(serviceName.encode(), 8192, _CREATE | _SHARED_PROCESS, 0)
+    assert rb, os.strerror(ctypes.get_errno())
+    mapped = Mapped(serviceName)
+    try:
+        yield qb, rb, mapped
+    finally:
+        mapped.close()
+        qb.qb_rb_close(rb)
+
+
+def _message(i: int) -> bytes:
+    return bytes((i * 31 + j) & 0xFF for j in range(1 + (i * 97) % 1500))
+
+
+def test_txqbWritesLibqbReads(shared: Tuple[Any, Any, Mapped]) -> None:
+    qb, rb, mapped = shared
+    out = ctypes.create_string_buffer(8192)
+    for i in range(300):
+        mapped.ring.write(_message(i)[:3], _message(i)[3:])
+        n = qb.qb_rb_chunk_read(rb, out, 8192, 0)
+        assert n == len(_message(i)), n
+        assert out.raw[:n] == _message(i)
+
+
+def test_libqbWritesTxqbReads(shared: Tuple[Any, Any, Mapped]) -> None:
+    qb, rb, mapped = shared
+    for i in range(300):
+        message = _message(i)
+        assert qb.qb_rb_chunk_write(rb, message, len(message)) == len(message)
+        assert mapped.ring.pending == 1
+        assert mapped.ring.read() == message
+    with pytest.raises(RingError):
+        mapped.ring.read()
+
+
+def test_fillsLikeLibqb(shared: Tuple[Any, Any, Mapped]) -> None:
+    """txqb fills the ring libqb's way, and libqb drains it all in order."""
+    qb, rb, mapped = shared
+    written = []
+    while True:
+        message = _message(len(written))
+        try:
+            mapped.ring.write(message)
+        except RingError:
+            break
+        written.append(message)
+    out = ctypes.create_string_buffer(8192)
+    for message in written:
+        n = qb.qb_rb_chunk_read(rb, out, 8192, 0)
+        assert out.raw[:n] == message
+    assert qb.qb_rb_chunk_read(rb, out, 8192, 0) < 0
+
+
+_WAITER = """
+import mmap, os, sys
+from txqb._posix.semaphore import SharedSemaphore
+from txqb._wire.ring import SEMAPHORE
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, os.fstat(fd).st_size)
+sem = SharedSemaphore(m, SEMAPHORE)
+print("waiting", flush=True)
+print("woken" if sem.timedWait(20) else "timeout", flush=True)
+sem.release()
+"""
+
+
+def test_crossProcessWakeUp(shared: Tuple[Any, Any, Mapped], serviceName: str) -> None:
+    """A post in this process wakes a sem_timedwait in another (pshared)."""
+    _, _, mapped = shared
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", _WAITER, f"/dev/shm/qb-{serviceName}-header"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert waiter.stdout is not None
+        assert waiter.stdout.readline().strip() == "waiting"
+        mapped.sem.post()
+        assert waiter.stdout.readline().strip() == "woken"
+    finally:
+        waiter.stdout.close() if waiter.stdout else None
+        assert waiter.wait(30) == 0

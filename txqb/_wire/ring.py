@@ -1,0 +1,269 @@
+"""
+libqb's shared-memory ring buffer (``qb_rb``), as an algorithm over any
+writable buffers.
+
+A ring is a header (write and read pointers, the size in 32-bit words, the
+paths of its files, a reference count, a semaphore and a user word) and a
+data area of ``word_size`` words.  A chunk at word ``p`` is::
+
+    word p        payload size in bytes (0 while being written / consumed)
+    word p + 1    magic: COMMITTED, ALLOCATED (being written) or CONSUMED
+    word p + 2 .. payload, padded to a word; every index is mod word_size
+
+The semaphore counts committed chunks.  This module performs no system
+call: the caller maps the files and passes an object with ``post``,
+``tryWait`` and ``value`` for the semaphore, so the same code runs over an
+mmap shared with C libqb and over a bytearray in unit tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import Protocol, Union
+
+__all__ = [
+    "HEADER_STRUCT_SIZE",
+    "HEADER_FILE_SIZE",
+    "MAGIC_COMMITTED",
+    "MAGIC_ALLOCATED",
+    "MAGIC_CONSUMED",
+    "CHUNK_OVERHEAD",
+    "Semaphore",
+    "RingError",
+    "Ring",
+    "dataFileSize",
+    "initializeHeader",
+]
+
+Buffer = Union[bytearray, memoryview]
+
+# Offsets in the header file (struct qb_ringbuffer_shared_s, x86-64).
+WRITE_PT = 0
+READ_PT = 4
+WORD_SIZE = 8
+HDR_PATH = 12
+DATA_PATH = 4108
+PATH_SIZE = 4096
+REF_COUNT = 8204
+SEMAPHORE = 8208
+USER_DATA = 8240
+HEADER_STRUCT_SIZE = 8248
+HEADER_FILE_SIZE = HEADER_STRUCT_SIZE + 4
+"""libqb creates every header file with 4 bytes of user data after the struct."""
+
+MAGIC_COMMITTED = 0xA1A1A1A1
+MAGIC_ALLOCATED = 0xA110CED0
+MAGIC_CONSUMED = 0xD0D0D0D0
+
+CHUNK_OVERHEAD = 12
+"""Bytes a chunk needs beyond its payload (size and magic words, a margin)."""
+
+_WORD = struct.Struct("<I")
+_INT = struct.Struct("<i")
+
+
+class Semaphore(Protocol):
+    """The ring's chunk counter: glibc's ``sem_t`` in shared memory."""
+
+    def post(self) -> None:
+        """Count one more committed chunk and wake a waiter."""
+
+    def tryWait(self) -> bool:
+        """Take one count if there is one; never block."""
+
+    def value(self) -> int:
+        """The current count."""
+
+
+class RingError(Exception):
+    """
+    A ring operation failed, with libqb's errno: ``EAGAIN`` (no room),
+    ``EBADMSG`` (no committed chunk where one must be: a corrupt ring),
+    ``EMSGSIZE`` (a chunk larger than the ring could ever hold).
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = code
+
+
+def dataFileSize(maxMessageSize: int, pageSize: int = 4096) -> int:
+    """
+    The data file size libqb uses for a ring carrying ``maxMessageSize``
+    bytes: room for one chunk plus its overhead, rounded up to pages.
+    A C client truncates the file it opens to this size, so a server must
+    use exactly this.
+    """
+    needed = maxMessageSize + CHUNK_OVERHEAD + 1
+    return (needed + pageSize - 1) // pageSize * pageSize
+
+
+def _putPath(header: Buffer, offset: int, path: str) -> None:
+    raw = path.encode("utf-8")
+    if len(raw) >= PATH_SIZE:
+        raise ValueError(f"ring path {path!r} is too long")
+    header[offset : offset + PATH_SIZE] = raw.ljust(PATH_SIZE, b"\0")
+
+
+def initializeHeader(header: Buffer, dataSize: int, headerPath: str, dataPath: str) -> None:
+    """
+    Fill a new ring header as libqb's creator does: empty ring, word size,
+    both absolute paths (openers take the data path from here) and
+    ``ref_count`` 1 (a C client attaches only to 1 and makes it 2).  The
+    semaphore is initialized by the caller (it needs ``sem_init``).
+    """
+    _WORD.pack_into(header, WRITE_PT, 0)
+    _WORD.pack_into(header, READ_PT, 0)
+    _WORD.pack_into(header, WORD_SIZE, dataSize // 4)
+    _putPath(header, HDR_PATH, headerPath)
+    _putPath(header, DATA_PATH, dataPath)
+    _INT.pack_into(header, USER_DATA, 0)
+    _INT.pack_into(header, REF_COUNT, 1)
+
+
+def readPath(header: Buffer, offset: int) -> str:
+    """A NUL-terminated path field of the header."""
+    field = bytes(header[offset : offset + PATH_SIZE])
+    end = field.find(b"\0")
+    if end < 0:
+        raise RingError(errno.EBADMSG, "ring header path is not NUL-terminated")
+    return field[:end].decode("utf-8", "surrogateescape")
+
+
+class Ring:
+    """
+    One end of a ring: the same object can write and read, as libqb's
+    ``qb_ringbuffer_t`` can; a connection uses each ring in one direction.
+    """
+
+    def __init__(self, header: Buffer, data: Buffer, semaphore: Semaphore) -> None:
+        self._header = header
+        self._data = data
+        self._sem = semaphore
+        words = int(_WORD.unpack_from(header, WORD_SIZE)[0])
+        if words * 4 > len(data) or words < 4:
+            raise RingError(
+                errno.EBADMSG, f"ring header claims {words} words; data area is {len(data)} bytes"
+            )
+        self.words: int = words
+        self.size: int = words * 4
+
+    # Words
+
+    def _get(self, index: int) -> int:
+        value: int = _WORD.unpack_from(self._data, (index % self.words) * 4)[0]
+        return value
+
+    def _put(self, index: int, value: int) -> None:
+        _WORD.pack_into(self._data, (index % self.words) * 4, value)
+
+    @property
+    def writePointer(self) -> int:
+        """Word index where the next chunk goes."""
+        value: int = _WORD.unpack_from(self._header, WRITE_PT)[0]
+        return value
+
+    @property
+    def readPointer(self) -> int:
+        """Word index of the oldest unconsumed chunk."""
+        value: int = _WORD.unpack_from(self._header, READ_PT)[0]
+        return value
+
+    @property
+    def pending(self) -> int:
+        """Committed chunks not yet read (the semaphore's count)."""
+        return self._sem.value()
+
+    def _next(self, index: int, size: int) -> int:
+        following = index + 2 + (size + 3) // 4
+        if following > self.words - 1:
+            following %= self.words
+        return following
+
+    def freeSpace(self) -> int:
+        """Bytes a writer could use now, by libqb's formula."""
+        w, r = self.writePointer, self.readPointer
+        if w > r:
+            return (r - w + self.words - 1) * 4
+        if w < r:
+            return (r - w - 1) * 4
+        return 0 if self._sem.value() > 0 else self.size
+
+    # Writing
+
+    def write(self, *parts: bytes) -> None:
+        """
+        Commit one chunk made of ``parts``, in libqb's order: size 0 and
+        ALLOCATED, payload, size, write pointer, COMMITTED, then the
+        semaphore post, so that a reader never sees a half-written chunk.
+
+        @raise RingError: ``EAGAIN`` when it does not fit now (libqb never
+            blocks a writer), ``EMSGSIZE`` when it never could.
+        """
+        size = sum(len(p) for p in parts)
+        if size + CHUNK_OVERHEAD > self.size:
+            raise RingError(errno.EMSGSIZE, f"{size}-byte chunk exceeds the {self.size}-byte ring")
+        if self.freeSpace() < size + CHUNK_OVERHEAD:
+            raise RingError(errno.EAGAIN, "ring full")
+        p = self.writePointer
+        self._put(p, 0)
+        self._put(p + 1, MAGIC_ALLOCATED)
+        offset = ((p + 2) % self.words) * 4
+        for part in parts:
+            offset = self._copyIn(offset, part)
+        self._put(p, size)
+        _WORD.pack_into(self._header, WRITE_PT, self._next(p, size))
+        self._put(p + 1, MAGIC_COMMITTED)
+        self._sem.post()
+
+    def _copyIn(self, offset: int, part: bytes) -> int:
+        data, n = self._data, len(part)
+        first = min(n, self.size - offset)
+        data[offset : offset + first] = part[:first]
+        if first < n:
+            data[0 : n - first] = part[first:]
+            return n - first
+        return (offset + n) % self.size
+
+    # Reading
+
+    def peek(self) -> memoryview | bytes:
+        """
+        The oldest committed chunk's payload, without consuming it: a view
+        into the ring when it is contiguous (zero copy), a copy when it
+        wraps.  Call L{reclaim} once done with it.
+
+        @raise RingError: ``EAGAIN`` when there is none; ``EBADMSG`` when
+            the semaphore says there is one but the ring holds no committed
+            chunk at the read pointer (a corrupt or hostile peer).
+        """
+        if not self._sem.tryWait():
+            raise RingError(errno.EAGAIN, "ring empty")
+        p = self.readPointer
+        if p >= self.words or self._get(p + 1) != MAGIC_COMMITTED:
+            self._sem.post()
+            raise RingError(errno.EBADMSG, f"no committed chunk at word {p}")
+        size = self._get(p)
+        if size + CHUNK_OVERHEAD > self.size:
+            self._sem.post()
+            raise RingError(errno.EBADMSG, f"chunk at word {p} claims {size} bytes")
+        start = ((p + 2) % self.words) * 4
+        self._peeked = (p, size)
+        end = start + size
+        if end <= self.size:
+            return memoryview(self._data)[start:end]
+        return bytes(self._data[start:]) + bytes(self._data[: end - self.size])
+
+    def reclaim(self) -> None:
+        """Consume the chunk L{peek} returned, in libqb's order."""
+        p, size = self._peeked
+        self._put(p, 0)
+        self._put(p + 1, MAGIC_CONSUMED)
+        _WORD.pack_into(self._header, READ_PT, self._next(p, size))
+
+    def read(self) -> bytes:
+        """Copy out and consume the oldest chunk (see L{peek})."""
+        chunk = bytes(self.peek())
+        self.reclaim()
+        return chunk
