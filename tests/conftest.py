@@ -15,7 +15,6 @@ Fixtures for txqb's tests.
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 from typing import Any, Iterator, Set
 

@@ -10,7 +10,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 import pytest_twisted

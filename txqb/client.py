@@ -10,25 +10,20 @@ their responses by order as libqb does.
 from __future__ import annotations
 
 import errno
-import os
-import socket
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Union
+from typing import Any, Callable, Deque, List, Optional
 
-from twisted.internet import main
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txqb._posix.sockets import Credentials, peerCredentials, streamClient
 from txqb._reactor.sockettransport import ClientSocketChannels
-from txqb._reactor.stream import UnixStreamTransport
+from txqb._reactor.stream import SetupProtocol, UnixStreamTransport
 from txqb._wire.handshake import (
     CONNECTION_RESPONSE_SIZE,
     MIN_CLIENT_MAX_MSG_SIZE,
-    TRANSPORT_SHM,
     TRANSPORT_SOCKET,
     ConnectionRequest,
     ConnectionResponse,
@@ -86,19 +81,6 @@ _PEER_GONE = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE, errno
 _BACKLOG_RETRY = 0.005
 _FC_POLL_FIRST = 0.001
 _FC_POLL_MAX = 0.02
-
-
-class _SetupProtocol(Protocol):
-    """Feeds the setup socket to whoever owns the connection now."""
-
-    def __init__(self, owner: Union[_Connector, Client]) -> None:
-        self.owner = owner
-
-    def dataReceived(self, data: bytes) -> None:
-        self.owner._setupData(data)
-
-    def connectionLost(self, reason: Failure = main.CONNECTION_DONE) -> None:  # type: ignore[assignment]
-        self.owner._setupLost(reason)
 
 
 class _Outgoing:
@@ -543,7 +525,7 @@ class _Connector:
                 self._fail(QBError(f"cannot connect to {self._name!r}: {e.strerror}", e.errno))
             return
         self._transport = UnixStreamTransport(
-            sock, _SetupProtocol(self), self._reactor, self._address, wantCredentials=True
+            sock, SetupProtocol(self), self._reactor, self._address, wantCredentials=True
         )
         self._transport.write(ConnectionRequest(self._maxMessageSize).encode())
         self._transport.startReading()  # type: ignore[no-untyped-call]
@@ -590,7 +572,7 @@ class _Connector:
         self._stopTimers()
         self._done = True
         protocol = transport.protocol
-        assert isinstance(protocol, _SetupProtocol)
+        assert isinstance(protocol, SetupProtocol)
         protocol.owner = client
         self.deferred.callback(client)
         if rest:

@@ -14,12 +14,10 @@ import os
 import socket
 from collections import deque
 from enum import Enum
-from typing import Any, Callable, Deque, Dict, List, Optional, Set
+from typing import Any, Deque, Dict, List, Optional, Set
 
-from twisted.internet import main
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -27,7 +25,7 @@ from zope.interface import implementer
 from txqb._posix.files import SHM_DIR, PrivateDirectory
 from txqb._posix.sockets import Credentials, peerCredentials, streamListener
 from txqb._reactor.sockettransport import ServerSocketChannels
-from txqb._reactor.stream import UnixStreamTransport
+from txqb._reactor.stream import SetupProtocol, UnixStreamTransport
 from txqb._wire.handshake import (
     CONNECTION_REQUEST_SIZE,
     TRANSPORT_SHM,
@@ -53,8 +51,6 @@ from txqb._wire.naming import (
 )
 from txqb.errors import ConnectionLostError, MessageTooLargeError, QBError
 from txqb.interfaces import IServiceHandlers
-from zope.interface import implementer as _implementer
-from twisted.internet.interfaces import IReadDescriptor
 
 __all__ = [
     "listen",
@@ -168,19 +164,6 @@ class ConnectionStats:
         self.sendRetries = 0
 
 
-class _SetupProtocol(Protocol):
-    """Feeds the setup socket's bytes and its loss to a connection."""
-
-    def __init__(self, connection: ServerConnection) -> None:
-        self.connection = connection
-
-    def dataReceived(self, data: bytes) -> None:
-        self.connection._setupData(data)
-
-    def connectionLost(self, reason: Failure = main.CONNECTION_DONE) -> None:  # type: ignore[assignment]
-        self.connection._setupLost(reason)
-
-
 class _ReplySlot:
     __slots__ = ("msgId", "ready", "result")
 
@@ -222,7 +205,7 @@ class ServerConnection:
         self._fd = sock.fileno()
         self._askedAccept = False
         self._transport = UnixStreamTransport(
-            sock, _SetupProtocol(self), self._reactor, service.address
+            sock, SetupProtocol(self), self._reactor, service.address
         )
         self._handshakeTimer: Optional[IDelayedCall] = self._clock.callLater(
             service.handshakeTimeout, self._handshakeTimedOut
@@ -613,7 +596,7 @@ class ServerConnection:
             d.callback(None)
 
 
-@_implementer(IReadDescriptor)
+@implementer(IReadDescriptor)
 class _Listener:
     """The listening setup socket: accepts in bounded batches."""
 

@@ -18,10 +18,15 @@ from collections import deque
 from typing import Callable, Deque, Optional, Tuple
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorFDSet,
+    IReactorTime,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 
 __all__ = ["DatagramChannel"]
 

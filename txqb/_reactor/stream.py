@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Optional
+from typing import Optional, Protocol as TypingProtocol
 
 from twisted.internet import main
 from twisted.internet.abstract import FileDescriptor
@@ -22,9 +22,35 @@ from twisted.python.failure import Failure
 
 from txqb._posix.sockets import CREDENTIALS_CMSG_SPACE, Credentials, parseCredentials
 
-__all__ = ["UnixStreamTransport", "UnixSetupAddress"]
+__all__ = ["UnixStreamTransport", "UnixSetupAddress", "SetupOwner", "SetupProtocol"]
 
 _READ_SIZE = 65536
+
+
+class SetupOwner(TypingProtocol):
+    """Whoever drives a connection's setup socket at the moment."""
+
+    def _setupData(self, data: bytes) -> None:
+        """Bytes arrived on the setup socket."""
+
+    def _setupLost(self, reason: Failure) -> None:
+        """The setup socket is closed: the connection is over."""
+
+
+class SetupProtocol(Protocol):
+    """
+    Hands the setup socket's bytes and its loss to its owner; the owner can
+    change (a client's handshake hands over to the connected client).
+    """
+
+    def __init__(self, owner: SetupOwner) -> None:
+        self.owner = owner
+
+    def dataReceived(self, data: bytes) -> None:
+        self.owner._setupData(data)
+
+    def connectionLost(self, reason: Failure = main.CONNECTION_DONE) -> None:  # type: ignore[assignment]
+        self.owner._setupLost(reason)
 
 
 class UnixSetupAddress:
