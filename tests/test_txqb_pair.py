@@ -1,0 +1,128 @@
+"""
+txqb client against txqb server: the parts of the API that go beyond what
+libqb's C client can do (unbounded pipelining, back-pressure on events,
+ordered replies from asynchronous handlers), checked end to end over real
+sockets.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, List
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+import txqb
+from handlers import PeerHandlers
+from txqb.echo import eventPayload
+
+
+@pytest_twisted.ensureDeferred
+async def test_eventBackPressure(reactor: Any, serviceName: str) -> None:
+    """A slow ``async for`` consumer makes the server wait, loses nothing."""
+    handlers = PeerHandlers()
+    service = txqb.listen(reactor, serviceName, handlers)
+    client = await txqb.connect(reactor, serviceName)
+    try:
+        stream = client.events(highWater=50)
+        burst = client.request(1, struct.pack("<II", 3000, 1000))
+        seen = 0
+        async for event in stream:
+            assert event == txqb.Message(1, 0, eventPayload(seen, 1000))
+            seen += 1
+            if seen % 500 == 0:
+                await task.deferLater(reactor, 0.02, lambda: None)
+            if seen == 3000:
+                break
+        assert (await burst).payload == struct.pack("<I", 3000)
+        (conn,) = service.connections
+        assert conn.stats.sendRetries > 0  # the server really had to wait
+    finally:
+        await client.disconnect()
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_orderedAsyncReplies(reactor: Any, serviceName: str) -> None:
+    """Handlers finishing out of order still answer in request order."""
+    gates: List[defer.Deferred[None]] = []
+
+    class Slow(txqb.ServiceHandlers):
+        async def messageReceived(self, connection: Any, msgId: int, payload: bytes) -> Any:
+            gate: defer.Deferred[None] = defer.Deferred()
+            gates.append(gate)
+            await gate
+            return payload
+
+    service = txqb.listen(reactor, serviceName, Slow())
+    client = await txqb.connect(reactor, serviceName)
+    try:
+        replies = [client.request(0, b"%d" % i) for i in range(5)]
+        while len(gates) < 5:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        for gate in reversed(gates):
+            gate.callback(None)
+        assert [(await r).payload for r in replies] == [b"%d" % i for i in range(5)]
+    finally:
+        await client.disconnect()
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_handlerErrors(reactor: Any, serviceName: str) -> None:
+    """QBError answers with its errno; anything else with -EIO, logged."""
+
+    class Failing(txqb.ServiceHandlers):
+        def messageReceived(self, connection: Any, msgId: int, payload: bytes) -> Any:
+            if msgId == 1:
+                raise txqb.QBError("no such thing", 2)
+            raise RuntimeError("bug")
+
+    service = txqb.listen(reactor, serviceName, Failing())
+    client = await txqb.connect(reactor, serviceName)
+    try:
+        assert (await client.request(1)).error == -2
+        assert (await client.request(2)).error == -5
+    finally:
+        await client.disconnect()
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deepPipeline(reactor: Any, serviceName: str) -> None:
+    """A txqb server never drops a response, so the window can be wide open."""
+    service = txqb.listen(reactor, serviceName, PeerHandlers())
+    client = await txqb.connect(reactor, serviceName, maxInFlight=100000, maxInFlightBytes=1 << 30)
+    try:
+        replies = await defer.gatherResults(
+            [client.request(0, b"%d" % i) for i in range(20000)], consumeErrors=True
+        )
+        assert [r.payload for r in replies] == [b"%d" % i for i in range(20000)]
+    finally:
+        await client.disconnect()
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lostConnectionFailsEverything(reactor: Any, serviceName: str) -> None:
+    never: defer.Deferred[bytes] = defer.Deferred()
+
+    class Stall(txqb.ServiceHandlers):
+        def messageReceived(self, connection: Any, msgId: int, payload: bytes) -> Any:
+            return never
+
+    service = txqb.listen(reactor, serviceName, Stall())
+    client = await txqb.connect(reactor, serviceName)
+    stream = client.events()
+    pending = [client.request(0) for _ in range(50)]
+    await task.deferLater(reactor, 0.05, lambda: None)
+    await service.stopListening()
+    for d in pending:
+        with pytest.raises(txqb.ConnectionLostError):
+            await d
+    with pytest.raises(txqb.ConnectionLostError):
+        await stream.__anext__()
+    assert not client.connected
+    never.callback(b"too late")
