@@ -10,7 +10,8 @@ lists; continuation lines keep their indentation.
 
 import re
 
-_FIELD = re.compile(r"^(\s*)@(\w+)(?:\s+([^:]+?))?\s*:(.*)$")
+_TAGS = "param|type|returns?|rtype|raises?|ivar|cvar|var|keyword|note|see"
+_FIELD = re.compile(rf"^(\s*)@({_TAGS})(?:\s+([^:]+?))?\s*:(.*)$")
 _FIELDS = {"return": "returns", "raise": "raises"}
 _INLINE = {"C": "``{}``", "I": "*{}*", "B": "**{}**", "L": ":py:obj:`{}`"}
 _LINK = re.compile(r"^(.*?)\s*<(.+)>$")

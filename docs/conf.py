@@ -23,11 +23,16 @@ exclude_patterns = ["_build"]
 nitpicky = False
 default_role = "py:obj"
 html_theme = "alabaster"
-html_static_path = []
 
 autodoc_member_order = "bysource"
-autodoc_default_options = {}
 autodoc_typehints = "signature"
+# Show these annotation names as written, not as the objects' reprs
+# (zope interfaces).
+autodoc_type_aliases = {
+    "IReactorFDSet": "twisted.internet.interfaces.IReactorFDSet",
+    "IReactorTime": "twisted.internet.interfaces.IReactorTime",
+    "IServiceHandlers": "txqb.interfaces.IServiceHandlers",
+}
 
 # Classes users get from txqb rather than make: their constructors are
 # internal, so their documentation shows no signature.

@@ -274,7 +274,12 @@ class Client:
         return self._submit(msgId, payload, expectsReply=False)
 
     def events(self, highWater: int = 10000) -> EventStream:
-        """The client's events as an asynchronous iterator (L{EventStream})."""
+        """
+        The client's events as an asynchronous iterator (L{EventStream}).
+
+        There is one stream per client: later calls return the same stream,
+        and C{highWater} counts only on the first.
+        """
         if self._stream is None:
             self._stream = EventStream(self, highWater)
             if self._lost is not None:
@@ -630,6 +635,8 @@ def connect(
 
     @param reactor: any reactor providing L{IReactorFDSet} and
         L{IReactorTime}.
+    @param name: the service name, as a C server gives it to
+        ``qb_ipcs_create``.
     @param maxMessageSize: the message size to ask for; raised to libqb's
         client minimum of 12328.  The server may grant more.
     @param timeout: seconds to wait for the server's handshake.
@@ -641,6 +648,8 @@ def connect(
     @param filesystemSockets: connect to a filesystem socket in
         C{socketDirectory}; by default, when
         C{/etc/libqb/force-filesystem-sockets} exists, as libqb decides.
+    @param socketDirectory: where filesystem setup sockets live (Debian's
+        libqb: C{/tmp}).
     @param maxInFlight: requests kept on the wire at once; more wait in
         the client (see L{DEFAULT_MAX_IN_FLIGHT} for why).  Raise it
         against txqb servers, which never drop a response.

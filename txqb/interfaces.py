@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 __all__ = ["IServiceHandlers"]
 
@@ -25,9 +25,11 @@ class IServiceHandlers(Interface):
         Decide whether a new client may connect (``connection_accept``).
 
         ``uid`` and ``gid`` come from the kernel (``SO_PEERCRED``), never
-        from a message.  Return 0 to accept or ``-errno`` (or a positive
-        errno) to refuse; the client receives that errno.  Raising
-        L{txqb.errors.QBError} refuses with its errno.  The method may call
+        from a message.  Return 0 (or L{None} or C{True}) to accept, or
+        ``-errno`` (a positive errno works too) to refuse; the client
+        receives that errno.  C{False} refuses with ``EACCES``; raising
+        L{txqb.errors.QBError} refuses with its errno, and any other
+        exception is logged and refuses with ``EIO``.  The method may call
         C{connection.setAuth(uid, gid, mode)} to set the owner and mode of
         the connection's shared files.
         """
@@ -42,8 +44,10 @@ class IServiceHandlers(Interface):
         """
         A request arrived (``msg_process``).
 
-        The handler may answer with C{connection.respond(...)} at any time,
-        or by returning the answer: C{bytes} (a response with the request's
+        The handler may answer with C{connection.respond(...)}, which sends
+        at once, or by returning the answer (do not mix the two on one
+        connection: a direct response overtakes returned ones still
+        pending): C{bytes} (a response with the request's
         id and error 0), a L{txqb.Message} (id, error and payload of its
         own), or L{None} (no response).  It may return a L{Deferred} or be
         an C{async def}; returned answers are sent in request order, so
@@ -68,11 +72,3 @@ class IServiceHandlers(Interface):
         (``connection_destroyed``): release what C{connectionAccepted}
         allocated.
         """
-
-
-class IConnectionInfo(Interface):
-    """What every server connection tells about its peer."""
-
-    credentials = Attribute("The client's pid, uid and gid, from the kernel.")
-    maxMessageSize = Attribute("The negotiated message size in bytes.")
-    description = Attribute("The connection's private directory path.")

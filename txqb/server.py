@@ -802,8 +802,13 @@ def listen(
     @param filesystemSockets: use a filesystem setup socket in
         C{socketDirectory}; by default, as libqb decides: when
         C{/etc/libqb/force-filesystem-sockets} exists.
+    @param socketDirectory: where a filesystem setup socket goes (Debian's
+        libqb: C{/tmp}).
+    @param shmDirectory: where each connection's private directory is
+        made (C{/dev/shm}).
     @param handshakeTimeout: seconds a new client may stay silent before
         it is dropped.
+    @return: the running L{Service}.
     @raise OSError: the name could not be bound (``EADDRINUSE``: another
         server has it).
     """
