@@ -15,7 +15,6 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
-from txqb._wire.handshake import TRANSPORT_SOCKET
 from txqb._wire.naming import validateServiceName
 from txqb.interfaces import IServiceHandlers
 from txqb.server import DEFAULT_MAX_MESSAGE_SIZE_CEILING, transportFromName
@@ -97,11 +96,9 @@ class Options(usage.Options):
         if not self["services"]:
             raise usage.UsageError("name at least one --service")
         try:
-            transport = transportFromName(self["transport"])
+            transportFromName(self["transport"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        if transport != TRANSPORT_SOCKET:
-            raise usage.UsageError("the shm transport is not available yet; use --transport socket")
         ceiling, size = self["max-message-ceiling"], self["max-message-size"]
         if size is not None and size > ceiling:
             raise usage.UsageError(

@@ -14,7 +14,7 @@ import os
 import socket
 from collections import deque
 from enum import Enum
-from typing import Any, Deque, Dict, List, Optional, Set
+from typing import Any, Deque, Dict, List, Optional, Set, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IReadDescriptor
@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from txqb._posix.files import SHM_DIR, PrivateDirectory
 from txqb._posix.sockets import Credentials, peerCredentials, streamListener
+from txqb._reactor.shmtransport import ServerShmChannels
 from txqb._reactor.sockettransport import ServerSocketChannels
 from txqb._reactor.stream import SetupProtocol, UnixStreamTransport
 from txqb._wire.handshake import (
@@ -197,7 +198,7 @@ class ServerConnection:
         self._state = _State.HANDSHAKE
         self._buffer = b""
         self._directory: Optional[PrivateDirectory] = None
-        self._channels: Optional[ServerSocketChannels] = None
+        self._channels: Optional[Union[ServerSocketChannels, ServerShmChannels]] = None
         self._auth = (credentials.uid, credentials.gid, 0o600)
         self._replySlots: Deque[_ReplySlot] = deque()
         self._closedWaiters: List[Deferred[None]] = []
@@ -367,17 +368,31 @@ class ServerConnection:
         authUid, authGid, mode = self._auth
         self._directory.chown(authUid, authGid)
         try:
-            self._channels = ServerSocketChannels(
-                self._reactor,
-                self._directory,
-                service.name,
-                self.maxMessageSize,
-                authUid,
-                authGid,
-                mode,
-                self._requestReceived,
-                self._channelFailed,
-            )
+            if service.transport == TRANSPORT_SHM:
+                self._channels = ServerShmChannels(
+                    self._clock,
+                    self._transport,
+                    self._directory,
+                    service.name,
+                    self.maxMessageSize,
+                    authUid,
+                    authGid,
+                    mode,
+                    self._requestReceived,
+                    self._channelFailed,
+                )
+            else:
+                self._channels = ServerSocketChannels(
+                    self._reactor,
+                    self._directory,
+                    service.name,
+                    self.maxMessageSize,
+                    authUid,
+                    authGid,
+                    mode,
+                    self._requestReceived,
+                    self._channelFailed,
+                )
         except OSError as e:
             self._refuse(e.errno or errno.EIO, f"cannot create its transport: {e}")
             return
@@ -659,8 +674,8 @@ class Service:
         shmDirectory: str,
         handshakeTimeout: float,
     ) -> None:
-        if transport != TRANSPORT_SOCKET:
-            raise NotImplementedError("the SHM transport is not available yet; use 'socket'")
+        if transport not in (TRANSPORT_SOCKET, TRANSPORT_SHM):
+            raise ValueError(f"unknown transport type {transport}")
         if enforceBufferSize > maxMessageSizeCeiling:
             raise ValueError(
                 f"enforced buffer size {enforceBufferSize} exceeds the ceiling"
@@ -702,7 +717,7 @@ class Service:
             "{svc}: listening at {where} ({kind})",
             svc=self.name,
             where=os.fsdecode(self.address).replace("\0", "@", 1).rstrip("\0"),
-            kind="socket transport",
+            kind="shm transport" if self.transport == TRANSPORT_SHM else "socket transport",
         )
 
     def requestRateLimit(self, rate: int) -> None:

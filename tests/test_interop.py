@@ -1,7 +1,9 @@
 """
-txqb against Debian's real libqb over ``QB_IPC_SOCKET``, in both roles:
-C libqb clients (tests/peers/qbclient.c) against a txqb server, and txqb
-clients against a C libqb server (tests/peers/qbserver.c).
+txqb against Debian's real libqb, in both roles: C libqb clients
+(tests/peers/qbclient.c) against a txqb server over ``QB_IPC_SOCKET`` and
+``QB_IPC_SHM``, and txqb clients against a C libqb server
+(tests/peers/qbserver.c) over ``QB_IPC_SOCKET``; each with abstract and
+with filesystem setup sockets.
 """
 
 from __future__ import annotations
@@ -39,19 +41,32 @@ def mode(request: pytest.FixtureRequest) -> str:
 class Env:
     """Mode-dependent settings for both sides."""
 
-    def __init__(self, mode: str, cpeers: Peers) -> None:
+    def __init__(self, mode: str, cpeers: Peers, transport: str = "socket") -> None:
         self.filesystem = mode == "filesystem"
         self.cenv = _fsEnv(cpeers) if self.filesystem else None
+        self.transport = transport
 
 
 @pytest.fixture
 def env(mode: str, cpeers: Peers) -> Env:
+    """Settings for txqb client tests (socket transport)."""
     return Env(mode, cpeers)
+
+
+@pytest.fixture(params=["socket", "shm"])
+def senv(request: pytest.FixtureRequest, mode: str, cpeers: Peers) -> Env:
+    """Settings for txqb server tests: each transport, each namespace."""
+    return Env(mode, cpeers, str(request.param))
 
 
 async def _serve(reactor: Any, name: str, env: Env, handlers: Optional[PeerHandlers] = None, **kw: Any) -> txqb.Service:
     return txqb.listen(
-        reactor, name, handlers or PeerHandlers(), filesystemSockets=env.filesystem, **kw
+        reactor,
+        name,
+        handlers or PeerHandlers(),
+        transport=env.transport,
+        filesystemSockets=env.filesystem,
+        **kw,
     )
 
 
@@ -59,14 +74,14 @@ async def _serve(reactor: Any, name: str, env: Env, handlers: Optional[PeerHandl
 
 
 @pytest_twisted.ensureDeferred
-async def test_cClientEcho(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
+async def test_cClientEcho(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
     """Every payload size up to the maximum, and a local -EMSGSIZE."""
     handlers = PeerHandlers()
-    service = await _serve(reactor, serviceName, env, handlers)
+    service = await _serve(reactor, serviceName, senv, handlers)
     try:
         code, lines = await runClient(
             reactor, cpeers, serviceName, "sweep", "1021", "oversize", "echos", "2000", "32",
-            "auth", options=["--max", "70000"], env=env.cenv,
+            "auth", options=["--max", "70000"], env=senv.cenv,
         )
         assert code == 0, lines
         assert lines[0] == "CONNECTED 70000"
@@ -77,7 +92,7 @@ async def test_cClientEcho(reactor: Any, cpeers: Peers, serviceName: str, env: E
         assert accept[1:] == (os.getuid(), os.getgid())
         assert accept[0] > 0 and accept[0] != os.getpid()
         assert handlers.names() == ["accept", "created", "closed", "destroyed"]
-        if env.filesystem:
+        if senv.filesystem:
             assert os.path.exists(f"/tmp/{serviceName}")
     finally:
         await service.stopListening()
@@ -85,12 +100,12 @@ async def test_cClientEcho(reactor: Any, cpeers: Peers, serviceName: str, env: E
 
 
 @pytest_twisted.ensureDeferred
-async def test_cClientEvents(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
-    service = await _serve(reactor, serviceName, env)
+async def test_cClientEvents(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
+    service = await _serve(reactor, serviceName, senv)
     try:
         code, lines = await runClient(
             reactor, cpeers, serviceName, "events", "3000", "64", "events", "20", "65512",
-            "evresp", "50", env=env.cenv,
+            "evresp", "50", env=senv.cenv,
         )
         assert code == 0, lines
         assert lines[1:] == ["EVENTS 3000 ok", "EVENTS 20 ok", "EVRESP 50 ok", "DONE"]
@@ -99,11 +114,26 @@ async def test_cClientEvents(reactor: Any, cpeers: Peers, serviceName: str, env:
 
 
 @pytest_twisted.ensureDeferred
-async def test_cClientRefused(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
-    handlers = PeerHandlers(refuse=errno.EACCES)
-    service = await _serve(reactor, serviceName, env, handlers)
+async def test_cClientEventStorm(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
+    """30 000 events with a sequence check, then maximal ones, none lost."""
+    service = await _serve(reactor, serviceName, senv)
     try:
-        code, lines = await runClient(reactor, cpeers, serviceName, "auth", env=env.cenv)
+        code, lines = await runClient(
+            reactor, cpeers, serviceName, "events", "30000", "32", "events", "200", "65512",
+            env=senv.cenv, timeout=120,
+        )
+        assert code == 0, lines
+        assert lines[1:] == ["EVENTS 30000 ok", "EVENTS 200 ok", "DONE"]
+    finally:
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cClientRefused(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
+    handlers = PeerHandlers(refuse=errno.EACCES)
+    service = await _serve(reactor, serviceName, senv, handlers)
+    try:
+        code, lines = await runClient(reactor, cpeers, serviceName, "auth", env=senv.cenv)
         assert (code, lines) == (2, ["CONNECT_FAIL 13"])
         assert handlers.names() == ["accept", "destroyed"]
     finally:
@@ -111,17 +141,17 @@ async def test_cClientRefused(reactor: Any, cpeers: Peers, serviceName: str, env
 
 
 @pytest_twisted.ensureDeferred
-async def test_cClientEnforcedAndCeiling(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
+async def test_cClientEnforcedAndCeiling(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
     """The server's floor raises the size; its ceiling refuses with EMSGSIZE."""
     service = await _serve(
-        reactor, serviceName, env, enforceBufferSize=200000, maxMessageSizeCeiling=1 << 20
+        reactor, serviceName, senv, enforceBufferSize=200000, maxMessageSizeCeiling=1 << 20
     )
     try:
-        code, lines = await runClient(reactor, cpeers, serviceName, "echo", "199976", env=env.cenv)
+        code, lines = await runClient(reactor, cpeers, serviceName, "echo", "199976", env=senv.cenv)
         assert code == 0, lines
         assert lines[:2] == ["CONNECTED 200000", "ECHO 199976 ok"]
         code, lines = await runClient(
-            reactor, cpeers, serviceName, "auth", options=["--max", str(64 << 20)], env=env.cenv
+            reactor, cpeers, serviceName, "auth", options=["--max", str(64 << 20)], env=senv.cenv
         )
         assert (code, lines) == (2, [f"CONNECT_FAIL {errno.EMSGSIZE}"])
     finally:
@@ -129,19 +159,19 @@ async def test_cClientEnforcedAndCeiling(reactor: Any, cpeers: Peers, serviceNam
 
 
 @pytest_twisted.ensureDeferred
-async def test_cClientFlowControl(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
+async def test_cClientFlowControl(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
     """RATE_OFF makes a C client's sends fail with -EAGAIN until it is lifted."""
     handlers = PeerHandlers()
-    service = await _serve(reactor, serviceName, env, handlers)
+    service = await _serve(reactor, serviceName, senv, handlers)
     try:
-        code, lines = await runClient(reactor, cpeers, serviceName, "fc", "2", "300", env=env.cenv)
+        code, lines = await runClient(reactor, cpeers, serviceName, "fc", "2", "300", env=senv.cenv)
         assert code == 0, lines
         eagain = int(lines[1].split("=")[1])
         assert eagain > 10, lines
         # RATE_OFF_2 with the default fc_enable_max 1: the C client sends
         # anyway, and the server holds the request unread until the rate
         # is lifted, then answers.
-        code, lines = await runClient(reactor, cpeers, serviceName, "fc", "3", "300", env=env.cenv)
+        code, lines = await runClient(reactor, cpeers, serviceName, "fc", "3", "300", env=senv.cenv)
         assert code == 0, lines
         assert lines[1] == "FC eagain=0"
     finally:
@@ -150,10 +180,10 @@ async def test_cClientFlowControl(reactor: Any, cpeers: Peers, serviceName: str,
 
 
 @pytest_twisted.ensureDeferred
-async def test_cClientKicked(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
-    service = await _serve(reactor, serviceName, env)
+async def test_cClientKicked(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
+    service = await _serve(reactor, serviceName, senv)
     try:
-        code, lines = await runClient(reactor, cpeers, serviceName, "kick", env=env.cenv)
+        code, lines = await runClient(reactor, cpeers, serviceName, "kick", env=senv.cenv)
         assert code == 0, lines
         assert lines[1].startswith("KICKED")
         assert service.connections == []
@@ -162,7 +192,7 @@ async def test_cClientKicked(reactor: Any, cpeers: Peers, serviceName: str, env:
 
 
 @pytest_twisted.ensureDeferred
-async def test_cClientKilledMidRequest(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
+async def test_cClientKilledMidRequest(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
     """A C client killed while its request is being served: files go, others go on."""
     gate: defer.Deferred[bytes] = defer.Deferred()
 
@@ -173,9 +203,9 @@ async def test_cClientKilledMidRequest(reactor: Any, cpeers: Peers, serviceName:
             return super().messageReceived(connection, msgId, payload)
 
     handlers = Slow()
-    service = await _serve(reactor, serviceName, env, handlers)
+    service = await _serve(reactor, serviceName, senv, handlers)
     try:
-        victim = CClient(reactor, cpeers, serviceName, ["send", "9", "10", "hang"], env=env.cenv).start()
+        victim = CClient(reactor, cpeers, serviceName, ["send", "9", "10", "hang"], env=senv.cenv).start()
         await victim.waitFor("HANGING")
         assert len(service.connections) == 1
         victim.kill()
@@ -183,7 +213,7 @@ async def test_cClientKilledMidRequest(reactor: Any, cpeers: Peers, serviceName:
         while service.connections:
             await task.deferLater(reactor, 0.01, lambda: None)
         gate.callback(b"late")  # answering a dead client is harmless
-        code, lines = await runClient(reactor, cpeers, serviceName, "echo", "10", env=env.cenv)
+        code, lines = await runClient(reactor, cpeers, serviceName, "echo", "10", env=senv.cenv)
         assert code == 0, lines
     finally:
         await service.stopListening()
