@@ -1,9 +1,8 @@
 """
 txqb against Debian's real libqb, in both roles: C libqb clients
-(tests/peers/qbclient.c) against a txqb server over ``QB_IPC_SOCKET`` and
-``QB_IPC_SHM``, and txqb clients against a C libqb server
-(tests/peers/qbserver.c) over ``QB_IPC_SOCKET``; each with abstract and
-with filesystem setup sockets.
+(tests/peers/qbclient.c) against a txqb server, and txqb clients against a
+C libqb server (tests/peers/qbserver.c); each over ``QB_IPC_SOCKET`` and
+``QB_IPC_SHM``, with abstract and with filesystem setup sockets.
 """
 
 from __future__ import annotations
@@ -47,10 +46,10 @@ class Env:
         self.transport = transport
 
 
-@pytest.fixture
-def env(mode: str, cpeers: Peers) -> Env:
-    """Settings for txqb client tests (socket transport)."""
-    return Env(mode, cpeers)
+@pytest.fixture(params=["socket", "shm"])
+def env(request: pytest.FixtureRequest, mode: str, cpeers: Peers) -> Env:
+    """Settings for txqb client tests: each transport, each namespace."""
+    return Env(mode, cpeers, str(request.param))
 
 
 @pytest.fixture(params=["socket", "shm"])
@@ -223,7 +222,7 @@ async def test_cClientKilledMidRequest(reactor: Any, cpeers: Peers, serviceName:
 
 
 async def _cserver(reactor: Any, cpeers: Peers, name: str, env: Env, *args: str) -> CServer:
-    return await CServer(reactor, cpeers, name, "--transport", "socket", *args, env=env.cenv).start()
+    return await CServer(reactor, cpeers, name, "--transport", env.transport, *args, env=env.cenv).start()
 
 
 async def _connect(reactor: Any, name: str, env: Env, **kw: Any) -> txqb.Client:

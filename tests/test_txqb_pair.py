@@ -19,11 +19,17 @@ from handlers import PeerHandlers
 from txqb.echo import eventPayload
 
 
+@pytest.fixture(params=["socket", "shm"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each test runs over both transports."""
+    return str(request.param)
+
+
 @pytest_twisted.ensureDeferred
-async def test_eventBackPressure(reactor: Any, serviceName: str) -> None:
+async def test_eventBackPressure(reactor: Any, serviceName: str, transport: str) -> None:
     """A slow ``async for`` consumer makes the server wait, loses nothing."""
     handlers = PeerHandlers()
-    service = txqb.listen(reactor, serviceName, handlers)
+    service = txqb.listen(reactor, serviceName, handlers, transport=transport)
     client = await txqb.connect(reactor, serviceName)
     try:
         stream = client.events(highWater=50)
@@ -45,7 +51,7 @@ async def test_eventBackPressure(reactor: Any, serviceName: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_orderedAsyncReplies(reactor: Any, serviceName: str) -> None:
+async def test_orderedAsyncReplies(reactor: Any, serviceName: str, transport: str) -> None:
     """Handlers finishing out of order still answer in request order."""
     gates: List[defer.Deferred[None]] = []
 
@@ -56,7 +62,7 @@ async def test_orderedAsyncReplies(reactor: Any, serviceName: str) -> None:
             await gate
             return payload
 
-    service = txqb.listen(reactor, serviceName, Slow())
+    service = txqb.listen(reactor, serviceName, Slow(), transport=transport)
     client = await txqb.connect(reactor, serviceName)
     try:
         replies = [client.request(0, b"%d" % i) for i in range(5)]
@@ -71,7 +77,7 @@ async def test_orderedAsyncReplies(reactor: Any, serviceName: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_handlerErrors(reactor: Any, serviceName: str) -> None:
+async def test_handlerErrors(reactor: Any, serviceName: str, transport: str) -> None:
     """QBError answers with its errno; anything else with -EIO, logged."""
 
     class Failing(txqb.ServiceHandlers):
@@ -80,7 +86,7 @@ async def test_handlerErrors(reactor: Any, serviceName: str) -> None:
                 raise txqb.QBError("no such thing", 2)
             raise RuntimeError("bug")
 
-    service = txqb.listen(reactor, serviceName, Failing())
+    service = txqb.listen(reactor, serviceName, Failing(), transport=transport)
     client = await txqb.connect(reactor, serviceName)
     try:
         assert (await client.request(1)).error == -2
@@ -91,9 +97,9 @@ async def test_handlerErrors(reactor: Any, serviceName: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_deepPipeline(reactor: Any, serviceName: str) -> None:
+async def test_deepPipeline(reactor: Any, serviceName: str, transport: str) -> None:
     """A txqb server never drops a response, so the window can be wide open."""
-    service = txqb.listen(reactor, serviceName, PeerHandlers())
+    service = txqb.listen(reactor, serviceName, PeerHandlers(), transport=transport)
     client = await txqb.connect(reactor, serviceName, maxInFlight=100000, maxInFlightBytes=1 << 30)
     try:
         replies = await defer.gatherResults(
@@ -106,14 +112,14 @@ async def test_deepPipeline(reactor: Any, serviceName: str) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_lostConnectionFailsEverything(reactor: Any, serviceName: str) -> None:
+async def test_lostConnectionFailsEverything(reactor: Any, serviceName: str, transport: str) -> None:
     never: defer.Deferred[bytes] = defer.Deferred()
 
     class Stall(txqb.ServiceHandlers):
         def messageReceived(self, connection: Any, msgId: int, payload: bytes) -> Any:
             return never
 
-    service = txqb.listen(reactor, serviceName, Stall())
+    service = txqb.listen(reactor, serviceName, Stall(), transport=transport)
     client = await txqb.connect(reactor, serviceName)
     stream = client.events()
     pending = [client.request(0) for _ in range(50)]

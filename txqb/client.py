@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, List, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
@@ -19,11 +19,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txqb._posix.sockets import Credentials, peerCredentials, streamClient
+from txqb._reactor.shmtransport import ClientShmChannels
 from txqb._reactor.sockettransport import ClientSocketChannels
 from txqb._reactor.stream import SetupProtocol, UnixStreamTransport
 from txqb._wire.handshake import (
     CONNECTION_RESPONSE_SIZE,
     MIN_CLIENT_MAX_MSG_SIZE,
+    TRANSPORT_SHM,
     TRANSPORT_SOCKET,
     ConnectionRequest,
     ConnectionResponse,
@@ -203,22 +205,34 @@ class Client:
         self.responsesReceived = 0
         self.eventsReceived = 0
         self.flowControlWaits = 0
-        if response.transport != TRANSPORT_SOCKET:
-            raise QBError(
-                f"server chose transport {response.transport}, which txqb's client"
-                " does not speak yet",
-                errno.ENOTSUP,
+        self._channels: Union[ClientSocketChannels, ClientShmChannels]
+        if response.transport == TRANSPORT_SOCKET:
+            self._channels = ClientSocketChannels(
+                reactor,
+                response.request,
+                response.response,
+                self.maxMessageSize,
+                self._receiveSize,
+                self._responseReceived,
+                self._eventReceived,
+                self._channelFailed,
             )
-        self._channels = ClientSocketChannels(
-            reactor,
-            response.request,
-            response.response,
-            self.maxMessageSize,
-            self._receiveSize,
-            self._responseReceived,
-            self._eventReceived,
-            self._channelFailed,
-        )
+        elif response.transport == TRANSPORT_SHM:
+            self._channels = ClientShmChannels(
+                reactor,
+                transport,
+                (response.request, response.response, response.event),
+                self.maxMessageSize,
+                self._responseReceived,
+                self._eventReceived,
+                self._channelFailed,
+            )
+        else:
+            raise QBError(
+                f"server chose transport {response.transport}, which libqb 2.x"
+                " does not define",
+                errno.ENOTSUP if response.transport in (2, 3) else errno.EINVAL,
+            )
 
     def __repr__(self) -> str:
         return f"<txqb client {self.name!r} {'connected' if self.connected else 'closed'}>"
@@ -352,6 +366,8 @@ class Client:
             return
         self.requestsSent += 1
         if item.expectsReply:
+            if not self._replies:
+                self._channels.awaiting(True)
             item.slot = self._replies.push(item.deferred)
             size = len(item.data)
             self._inFlightSizes.append(size)
@@ -409,6 +425,8 @@ class Client:
             return
         self._inFlightBytes -= self._inFlightSizes.popleft()
         self.responsesReceived += 1
+        if not self._replies:
+            self._channels.awaiting(False)
         if self._blocked and self._fcCall is None:
             self._pump()
         if waiter is None:

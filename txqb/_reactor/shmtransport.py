@@ -14,30 +14,36 @@ import errno
 import mmap
 import os
 import struct
+import threading
 from collections import deque
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.python.failure import Failure
 
-from txqb._posix.files import PrivateDirectory, mapFile
+from txqb._posix.files import SHM_DIR, PrivateDirectory, mapFile, openSharedFile
 from txqb._posix.semaphore import SharedSemaphore
 from txqb._wire.handshake import TRANSPORT_SHM
 from txqb._wire.naming import shmNames
 from txqb._wire.ring import (
+    DATA_PATH,
     HEADER_FILE_SIZE,
+    HEADER_STRUCT_SIZE,
+    REF_COUNT,
     SEMAPHORE,
     USER_DATA,
     Ring,
     RingError,
     dataFileSize,
     initializeHeader,
+    readPath,
 )
 
-__all__ = ["ServerShmChannels", "SharedRing"]
+__all__ = ["ServerShmChannels", "ClientShmChannels", "SharedRing"]
 
 _INT32 = struct.Struct("<i")
+_WORD = struct.Struct("<I")
 _RETRY_FIRST = 0.0005
 _RETRY_MAX = 0.02
 
@@ -80,6 +86,63 @@ class SharedRing:
         semaphore = SharedSemaphore(maps[0], SEMAPHORE)
         semaphore.initialize()
         return cls(maps, Ring(views[0], views[1], semaphore), semaphore, views)
+
+    @classmethod
+    def attach(cls, base: str) -> SharedRing:
+        """
+        Open a ring a server created, as libqb's client does, except that
+        nothing is truncated: the header's own paths and sizes are checked
+        against the files instead, so a hostile or mismatched server cannot
+        make txqb map past the end of a file (``SIGBUS``).
+        """
+        if not os.path.isabs(base):
+            raise OSError(errno.EBADMSG, f"server named ring {base!r}")
+        maps: List[mmap.mmap] = []
+        try:
+            fd = openSharedFile(base + "-header", HEADER_STRUCT_SIZE)
+            try:
+                maps.append(mapFile(fd, os.fstat(fd).st_size))
+            finally:
+                os.close(fd)
+            header = memoryview(maps[0])
+            try:
+                dataPath = readPath(header, DATA_PATH)
+                words = int(_WORD.unpack_from(header, 8)[0])
+            finally:
+                header.release()
+            fd = openSharedFile(dataPath, words * 4)
+            try:
+                maps.append(mapFile(fd, words * 4))
+            finally:
+                os.close(fd)
+        except RingError as e:
+            for m in maps:
+                m.close()
+            raise OSError(e.errno, str(e)) from None
+        except BaseException:
+            for m in maps:
+                m.close()
+            raise
+        views = [memoryview(m) for m in maps]
+        semaphore = SharedSemaphore(maps[0], SEMAPHORE)
+        try:
+            ring = Ring(views[0], views[1], semaphore)
+        except RingError as e:
+            semaphore.release()
+            for view in views:
+                view.release()
+            for m in maps:
+                m.close()
+            raise OSError(e.errno, str(e)) from None
+        (refs,) = _INT32.unpack_from(views[0], REF_COUNT)
+        _INT32.pack_into(views[0], REF_COUNT, refs + 1)
+        return cls(maps, ring, semaphore, views)
+
+    def detach(self) -> None:
+        """Drop this client's reference (libqb: 1, then 0), then unmap."""
+        if self._views:
+            _INT32.pack_into(self.header, REF_COUNT, 0)
+        self.close()
 
     def close(self) -> None:
         """Unmap (the files are removed with their directory)."""
@@ -263,3 +326,211 @@ class ServerShmChannels:
 
 def _nothing() -> None:
     pass
+
+
+class _ResponseWaiter(threading.Thread):
+    """
+    Waits on the response ring's semaphore off the reactor thread.
+
+    A libqb server posts no byte for a response, only the semaphore, which
+    is a futex and cannot be polled.  This thread blocks in
+    ``sem_timedwait`` (ctypes releases the GIL) only while responses are
+    outstanding, and hands each count it takes to the reactor thread with
+    ``callFromThread``, which wakes the reactor through its waker fd.
+    """
+
+    _SLICE = 0.2
+
+    def __init__(self, reactor: Any, semaphore: SharedSemaphore,
+                 onResponse: Callable[[], None], onExit: Callable[[], None]) -> None:
+        super().__init__(name="txqb-shm-response", daemon=True)
+        self._reactor = reactor
+        self._semaphore = semaphore
+        self._onResponse = onResponse
+        self._onExit = onExit
+        self.wanted = threading.Event()
+        self.stopping = False
+
+    def run(self) -> None:
+        callFromThread = self._reactor.callFromThread
+        try:
+            while not self.stopping:
+                if not self.wanted.wait(self._SLICE):
+                    continue
+                if self.stopping:
+                    break
+                if self._semaphore.timedWait(self._SLICE) and not self.stopping:
+                    callFromThread(self._onResponse)
+        finally:
+            # The maps may be closed only once this thread no longer
+            # touches the semaphore: the reactor thread does it now.
+            callFromThread(self._onExit)
+
+
+class ClientShmChannels:
+    """A client's end of one SHM connection."""
+
+    transportType = TRANSPORT_SHM
+
+    def __init__(
+        self,
+        reactor: Any,
+        setup: ITransport,
+        names: Tuple[str, str, str],
+        maxMessageSize: int,
+        onResponse: Callable[[bytes], None],
+        onEvent: Callable[[bytes], None],
+        onError: Callable[[BaseException], None],
+    ) -> None:
+        self._rings: List[SharedRing] = []
+        try:
+            for base in names:
+                self._rings.append(SharedRing.attach(base))
+        except BaseException:
+            for ring in self._rings:
+                ring.detach()
+            raise
+        self._request, self._response, self._event = self._rings
+        self._names = names
+        self._reactor = reactor
+        self._setup = setup
+        self._onResponse = onResponse
+        self._onEvent = onEvent
+        self._onError = onError
+        self._eventsPaused = False
+        self._drainCall: Optional[IDelayedCall] = None
+        self.closed = False
+        self._requests = _RingWriter(reactor, self._request.ring, self._ringDoorbell)
+        self._waiter = _ResponseWaiter(
+            reactor, self._response.semaphore, self._responseCounted, self._waiterExited
+        )
+        self._waiter.start()
+
+    def _ringDoorbell(self) -> None:
+        # Exactly one byte per request, after the post: a C server reads as
+        # many bytes as it processed chunks and blocks until they come.
+        self._setup.write(b"\x18")
+
+    def flowControl(self) -> int:
+        """The server's flow-control word (request ring user data)."""
+        if self.closed:
+            return 0
+        value: int = _INT32.unpack_from(self._request.header, USER_DATA)[0]
+        return value
+
+    def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
+        """Commit a request; waits (in order) while the ring is full."""
+        if self.closed:
+            raise OSError(errno.ENOTCONN, "connection closed")
+        return self._requests.write(data)
+
+    def awaiting(self, outstanding: bool) -> None:
+        """Whether responses are outstanding: only then the waiter waits."""
+        if outstanding:
+            self._waiter.wanted.set()
+        else:
+            self._waiter.wanted.clear()
+
+    def _responseCounted(self) -> None:
+        if self.closed:
+            return
+        # Events committed before this response are delivered before it.
+        self.drainEvents()
+        try:
+            chunk = self._response.ring.read(counted=True)
+        except RingError as e:
+            self._onError(OSError(e.errno, f"response ring: {e}"))
+            return
+        self._onResponse(chunk)
+
+    def setupBytesReceived(self, data: bytes) -> None:
+        """Event doorbells: read the committed events."""
+        self.drainEvents()
+
+    def drainEvents(self) -> None:
+        """Deliver every committed event, unless the consumer paused them."""
+        ring = self._event.ring
+        while not self._eventsPaused and not self.closed:
+            try:
+                chunk = ring.read()
+            except RingError as e:
+                if e.errno != errno.EAGAIN:
+                    self._onError(OSError(e.errno, f"event ring: {e}"))
+                return
+            self._onEvent(chunk)
+
+    def drain(self) -> None:
+        """Deliver what the server committed before it went away."""
+        self.drainEvents()
+        ring = self._response.ring
+        while not self.closed:
+            try:
+                chunk = ring.read()
+            except RingError:
+                return
+            self._onResponse(chunk)
+
+    def pauseEvents(self) -> None:
+        """Leave events in the ring; the server's sends wait."""
+        self._eventsPaused = True
+
+    def resumeEvents(self) -> None:
+        """Read events again, those already committed first."""
+        self._eventsPaused = False
+        if self._drainCall is None and not self.closed:
+            self._drainCall = self._reactor.callLater(0, self._drainLater)
+
+    def _drainLater(self) -> None:
+        self._drainCall = None
+        self.drainEvents()
+
+    def close(self, reason: Optional[BaseException] = None) -> None:
+        """Stop the waiter; the rings are unmapped once it has exited."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._drainCall is not None:
+            self._drainCall.cancel()
+            self._drainCall = None
+        self._requests.close(reason or OSError(errno.ENOTCONN, "connection closed"))
+        self._waiter.stopping = True
+        self._waiter.wanted.set()
+
+    def _waiterExited(self) -> None:
+        rings, self._rings = self._rings, []
+        for ring in rings:
+            ring.detach()
+        _removeIfOrphaned(self._names)
+
+
+def _removeIfOrphaned(names: Tuple[str, ...]) -> None:
+    """
+    After a server died, remove the ring files it can no longer remove,
+    as libqb's client does.  Only files inside a ``qb-*`` directory of
+    /dev/shm are touched, and only when that directory's owner process
+    (the server pid in its name) is gone.
+    """
+    directory = os.path.dirname(names[0])
+    base = os.path.basename(directory)
+    if os.path.dirname(directory) != SHM_DIR or not base.startswith("qb-"):
+        return
+    try:
+        serverPid = int(base.split("-")[1])
+        os.kill(serverPid, 0)
+        return
+    except (ValueError, IndexError):
+        return
+    except PermissionError:
+        return
+    except ProcessLookupError:
+        pass
+    for name in names:
+        for suffix in ("-header", "-data"):
+            try:
+                os.unlink(name + suffix)
+            except OSError:
+                pass
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass

@@ -243,6 +243,9 @@ class ClientSocketChannels:
             if not channel.closed:
                 channel.drain()
 
+    def awaiting(self, outstanding: bool) -> None:
+        """Responses arrive on a socket the reactor watches: nothing to do."""
+
     def pauseEvents(self) -> None:
         """Stop reading events; the server's sends back up and wait."""
         self.events.stopReading()

@@ -228,17 +228,20 @@ class Ring:
 
     # Reading
 
-    def peek(self) -> memoryview | bytes:
+    def peek(self, counted: bool = False) -> memoryview | bytes:
         """
         The oldest committed chunk's payload, without consuming it: a view
         into the ring when it is contiguous (zero copy), a copy when it
         wraps.  Call L{reclaim} once done with it.
 
+        @param counted: the caller already took the semaphore count for
+            this chunk (a waiter thread's ``sem_timedwait`` did).
+
         @raise RingError: ``EAGAIN`` when there is none; ``EBADMSG`` when
             the semaphore says there is one but the ring holds no committed
             chunk at the read pointer (a corrupt or hostile peer).
         """
-        if not self._sem.tryWait():
+        if not counted and not self._sem.tryWait():
             raise RingError(errno.EAGAIN, "ring empty")
         p = self.readPointer
         if p >= self.words or self._get(p + 1) != MAGIC_COMMITTED:
@@ -262,8 +265,8 @@ class Ring:
         self._put(p + 1, MAGIC_CONSUMED)
         _WORD.pack_into(self._header, READ_PT, self._next(p, size))
 
-    def read(self) -> bytes:
+    def read(self, counted: bool = False) -> bytes:
         """Copy out and consume the oldest chunk (see L{peek})."""
-        chunk = bytes(self.peek())
+        chunk = bytes(self.peek(counted))
         self.reclaim()
         return chunk
