@@ -274,13 +274,14 @@ async def test_hugeWishRefused(reactor: Any, serviceName: str) -> None:
         await service.stopListening()
 
 
+@pytest.mark.parametrize("transport", ["socket", "shm"])
 @pytest_twisted.ensureDeferred
-async def test_churn(reactor: Any, serviceName: str) -> None:
-    """300 connect/disconnect cycles and 300 refusals: nothing accumulates."""
+async def test_churn(reactor: Any, serviceName: str, transport: str) -> None:
+    """1000 connect/disconnect cycles and 300 refusals: nothing accumulates."""
     handlers = PeerHandlers()
-    service = txqb.listen(reactor, serviceName, handlers)
+    service = txqb.listen(reactor, serviceName, handlers, transport=transport)
     try:
-        for _ in range(300):
+        for _ in range(1000):
             client = await txqb.connect(reactor, serviceName)
             await client.disconnect()
         handlers.refuse = errno.EACCES
@@ -289,7 +290,7 @@ async def test_churn(reactor: Any, serviceName: str) -> None:
                 await txqb.connect(reactor, serviceName)
         while service.connections or service._pending:
             await task.deferLater(reactor, 0.01, lambda: None)
-        assert handlers.names().count("destroyed") == 600
+        assert handlers.names().count("destroyed") == 1300
     finally:
         await service.stopListening()
 

@@ -113,6 +113,22 @@ async def test_cClientEvents(reactor: Any, cpeers: Peers, serviceName: str, senv
 
 
 @pytest_twisted.ensureDeferred
+async def test_cClientMegabyte(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
+    """1 MiB messages: sizes up to the maximum, chunks that wrap the rings."""
+    service = await _serve(reactor, serviceName, senv)
+    try:
+        code, lines = await runClient(
+            reactor, cpeers, serviceName, "sweep", "65521", "echos", "20", "700000",
+            "oversize", options=["--max", str(1 << 20)], env=senv.cenv, timeout=120,
+        )
+        assert code == 0, lines
+        assert lines[0] == f"CONNECTED {1 << 20}"
+        assert lines[1:] == ["SWEEP 18 ok", "ECHOS 20 ok", "OVERSIZE -90", "DONE"]
+    finally:
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cClientEventStorm(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
     """30 000 events with a sequence check, then maximal ones, none lost."""
     service = await _serve(reactor, serviceName, senv)
@@ -285,6 +301,39 @@ async def test_txqbClientCancelKeepsPairing(reactor: Any, cpeers: Peers, service
             with pytest.raises(txqb.QBTimeoutError):
                 await held
             assert (await client.request(0, b"fourth")).payload == b"fourth"
+        finally:
+            await client.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_txqbClientMegabyte(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
+    """1 MiB messages from a txqb client to a C server, wrapping the rings."""
+    async with await _cserver(reactor, cpeers, serviceName, env):
+        client = await _connect(reactor, serviceName, env, maxMessageSize=1 << 20)
+        try:
+            for size in (0, 1, 65536, 700000, 700000, 700000, (1 << 20) - 24):
+                payload = os.urandom(size)
+                assert (await client.request(0, payload)).payload == payload
+        finally:
+            await client.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_txqbClientEventStorm(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
+    """30 000 events from a C server, then maximal ones, in order."""
+    async with await _cserver(reactor, cpeers, serviceName, env):
+        count = [0]
+
+        def check(event: txqb.Message) -> None:
+            assert event.payload[:4] == _U32.pack(count[0] % 30000 if count[0] < 30000 else count[0] - 30000)
+            count[0] += 1
+
+        client = await _connect(reactor, serviceName, env, eventReceived=check)
+        try:
+            await client.request(1, struct.pack("<II", 30000, 32))
+            big = client.maxMessageSize - 24
+            await client.request(1, struct.pack("<II", 50, big))
+            assert count[0] == 30050
         finally:
             await client.disconnect()
 

@@ -44,11 +44,12 @@ def test_usageErrors(args: list[str], message: str) -> None:
     assert "Traceback" not in out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("transport", ["socket", "shm"])
 @pytest_twisted.ensureDeferred
-async def test_echoUnderTwistd(reactor: Any, cpeers: Peers, serviceName: str) -> None:
+async def test_echoUnderTwistd(reactor: Any, cpeers: Peers, serviceName: str, transport: str) -> None:
     """A C libqb client uses the echo service that twistd runs; SIGTERM is clean."""
     proto = _Collect()
-    argv = [TWISTD, "-n", "--pidfile=", "--logfile=-", "qbipc", "--service", f"echo={serviceName}"]
+    argv = [TWISTD, "-n", "--pidfile=", "--logfile=-", "qbipc", "--service", f"echo={serviceName}", "--transport", transport]
     process = reactor.spawnProcess(proto, TWISTD, argv, env=dict(os.environ))
     try:
         await _waitLog(proto, reactor)
