@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
@@ -44,6 +45,14 @@ __all__ = ["ServerShmChannels", "ClientShmChannels", "SharedRing"]
 
 _INT32 = struct.Struct("<i")
 _WORD = struct.Struct("<I")
+RESPONSE_SPIN = 0.0
+"""
+Seconds the response waiter polls ``sem_trywait`` before it blocks in
+``sem_timedwait``.  Off by default: bench/shm_wait.py measures the
+choice (a spinning Python thread competes with the reactor thread for the
+GIL and a core).
+"""
+
 _RETRY_FIRST = 0.0005
 _RETRY_MAX = 0.02
 
@@ -350,6 +359,16 @@ class _ResponseWaiter(threading.Thread):
         self._onExit = onExit
         self.wanted = threading.Event()
         self.stopping = False
+        self.spin = RESPONSE_SPIN
+
+    def _take(self) -> bool:
+        if self.spin:
+            deadline = time.perf_counter() + self.spin
+            tryWait = self._semaphore.tryWait
+            while time.perf_counter() < deadline:
+                if tryWait():
+                    return True
+        return self._semaphore.timedWait(self._SLICE)
 
     def run(self) -> None:
         callFromThread = self._reactor.callFromThread
@@ -359,7 +378,7 @@ class _ResponseWaiter(threading.Thread):
                     continue
                 if self.stopping:
                     break
-                if self._semaphore.timedWait(self._SLICE) and not self.stopping:
+                if self._take() and not self.stopping:
                     callFromThread(self._onResponse)
         finally:
             # The maps may be closed only once this thread no longer
