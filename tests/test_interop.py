@@ -425,22 +425,29 @@ async def test_txqbClientServerDisconnects(reactor: Any, cpeers: Peers, serviceN
 @pytest_twisted.ensureDeferred
 async def test_txqbClientServerDies(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
     server = await _cserver(reactor, cpeers, serviceName, env)
-    client = await _connect(reactor, serviceName, env)
-    outstanding = [client.request(0, b"x") for _ in range(3)]
-    dying = client.request(5)
-    # Nothing more is sent until the server is gone: a datagram sent to a
-    # dead peer makes Linux purge the sender's queue, replies and all.
-    await defer.gatherResults(outstanding)
-    with pytest.raises(txqb.ConnectionLostError):
-        await dying
-    assert await server.proto.ended == 0
-    with pytest.raises(txqb.ConnectionLostError):
-        await client.request(0, b"after")
-    await client.disconnect()
-    if env.filesystem:
-        # A C server that dies leaves its socket file; the next one would
-        # unlink it.  Do that here so nothing outlives the test.
-        os.unlink(f"/tmp/{serviceName}")
+    try:
+        client = await _connect(reactor, serviceName, env)
+        try:
+            outstanding = [client.request(0, b"x") for _ in range(3)]
+            dying = client.request(5)
+            # Nothing more is sent until the server is gone: a datagram sent
+            # to a dead peer makes Linux purge the sender's queue, replies
+            # and all.
+            await defer.gatherResults(outstanding, consumeErrors=True)
+            with pytest.raises(txqb.ConnectionLostError):
+                await dying
+            assert await server.proto.ended == 0
+            with pytest.raises(txqb.ConnectionLostError):
+                await client.request(0, b"after")
+        finally:
+            await client.disconnect()
+    finally:
+        server.kill()
+        await server.proto.ended
+        if env.filesystem and os.path.exists(f"/tmp/{serviceName}"):
+            # A C server that dies leaves its socket file; the next one
+            # would unlink it.  Do that here so nothing outlives the test.
+            os.unlink(f"/tmp/{serviceName}")
 
 
 # Live golden captures

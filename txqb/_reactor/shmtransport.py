@@ -479,12 +479,17 @@ class ClientShmChannels:
             self._onEvent(chunk)
 
     def drain(self) -> None:
-        """Deliver what the server committed before it went away."""
+        """
+        Deliver what the server committed before it went away.  Responses
+        are found by their magic, not the semaphore: the waiter thread may
+        hold counts whose deliveries are still on their way to the reactor
+        (they are dropped once the connection is closed).
+        """
         self.drainEvents()
         ring = self._response.ring
-        while not self.closed:
+        while not self.closed and ring.committedAhead():
             try:
-                chunk = ring.read()
+                chunk = ring.read(counted=True)
             except RingError:
                 return
             self._onResponse(chunk)

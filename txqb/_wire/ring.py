@@ -258,6 +258,15 @@ class Ring:
             return memoryview(self._data)[start:end]
         return bytes(self._data[start:]) + bytes(self._data[: end - self.size])
 
+    def committedAhead(self) -> bool:
+        """
+        Whether a committed chunk sits at the read pointer, by its magic
+        alone.  For salvaging what a dead writer left: the semaphore count
+        may meanwhile be held by another reader of this end.
+        """
+        p = self.readPointer
+        return p < self.words and self._get(p + 1) == MAGIC_COMMITTED
+
     def reclaim(self) -> None:
         """Consume the chunk L{peek} returned, in libqb's order."""
         p, size = self._peeked
