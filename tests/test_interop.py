@@ -144,6 +144,40 @@ async def test_cClientEventStorm(reactor: Any, cpeers: Peers, serviceName: str, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_cClientAuthSet(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
+    """setAuth in accept owns the directory and files (libqb's server_perms case)."""
+    seen: Dict[str, Any] = {}
+
+    class Owned(PeerHandlers):
+        def connectionCreated(self, connection: Any) -> None:
+            directory = os.path.dirname(connection.description)
+            seen["dir"] = os.stat(directory)
+            seen["files"] = {n: os.stat(os.path.join(directory, n)) for n in os.listdir(directory)}
+            super().connectionCreated(connection)
+
+    service = await _serve(reactor, serviceName, senv, Owned(auth=(555, 741, 0o660)))
+    try:
+        code, lines = await runClient(reactor, cpeers, serviceName, "echo", "100", env=senv.cenv)
+        assert code == 0, lines
+        directory = seen["dir"]
+        assert directory.st_mode & 0o777 == 0o770
+        if os.getuid() == 0:
+            # libqb re-chowns only SHM directories; txqb does it for both.
+            assert (directory.st_uid, directory.st_gid) == (555, 741)
+        files = seen["files"]
+        assert len(files) == (6 if senv.transport == "shm" else 1)
+        for info in files.values():
+            assert info.st_mode & 0o777 == 0o660
+            if os.getuid() == 0:
+                assert (info.st_uid, info.st_gid) == (555, 741)
+        if senv.transport == "shm":  # sizes exactly as libqb makes them
+            for name, info in files.items():
+                assert info.st_size == (8252 if name.endswith("-header") else 69632), name
+    finally:
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cClientRefused(reactor: Any, cpeers: Peers, serviceName: str, senv: Env) -> None:
     handlers = PeerHandlers(refuse=errno.EACCES)
     service = await _serve(reactor, serviceName, senv, handlers)
