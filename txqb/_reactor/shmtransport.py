@@ -43,8 +43,8 @@ from txqb._wire.ring import (
 
 __all__ = ["ServerShmChannels", "ClientShmChannels", "SharedRing"]
 
-_INT32 = struct.Struct("<i")
-_WORD = struct.Struct("<I")
+_INT32 = struct.Struct("i")
+_WORD = struct.Struct("I")
 RESPONSE_SPIN = 0.0
 """
 Seconds the response waiter polls ``sem_trywait`` before it blocks in

@@ -31,7 +31,7 @@ __all__ = ["ServerSocketChannels", "ClientSocketChannels", "CONTROL_FILE_SIZE"]
 CONTROL_FILE_SIZE = 24
 """Three ``{int32 sent; int32 flow_control}`` pairs."""
 
-_INT32 = struct.Struct("<i")
+_INT32 = struct.Struct("i")  # native: one 4-byte store (see txqb._wire.ring)
 _REQUEST_SENT = 0
 _REQUEST_FLOW_CONTROL = 4
 _EVENT_SENT = 16

@@ -59,8 +59,12 @@ MAGIC_CONSUMED = 0xD0D0D0D0
 CHUNK_OVERHEAD = 12
 """Bytes a chunk needs beyond its payload (size and magic words, a margin)."""
 
-_WORD = struct.Struct("<I")
-_INT = struct.Struct("<i")
+# Native formats on purpose: libqb uses host order, and CPython packs a
+# native single integer with one aligned 4-byte store (memcpy), while an
+# explicit "<" packs byte by byte, which a concurrent C peer can see torn
+# (a half-updated read pointer makes the writer overwrite unread chunks).
+_WORD = struct.Struct("I")
+_INT = struct.Struct("i")
 
 
 class Semaphore(Protocol):
@@ -246,7 +250,12 @@ class Ring:
         p = self.readPointer
         if p >= self.words or self._get(p + 1) != MAGIC_COMMITTED:
             self._sem.post()
-            raise RingError(errno.EBADMSG, f"no committed chunk at word {p}")
+            found = self._get(p + 1) if p < self.words else None
+            raise RingError(
+                errno.EBADMSG,
+                f"no committed chunk at word {p} (magic {found!r},"
+                f" write pointer {self.writePointer}, count {self._sem.value()})",
+            )
         size = self._get(p)
         if size + CHUNK_OVERHEAD > self.size:
             self._sem.post()
