@@ -282,7 +282,7 @@ async def test_churn(reactor: Any, serviceName: str, transport: str) -> None:
     service = txqb.listen(reactor, serviceName, handlers, transport=transport)
     try:
         for _ in range(1000):
-            client = await txqb.connect(reactor, serviceName)
+            client = await txqb.connect(reactor, serviceName, experimentalShm=True)
             await client.disconnect()
         handlers.refuse = errno.EACCES
         for _ in range(300):
