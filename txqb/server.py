@@ -367,32 +367,20 @@ class ServerConnection:
             return
         authUid, authGid, mode = self._auth
         self._directory.chown(authUid, authGid)
+        channels = ServerShmChannels if service.transport == TRANSPORT_SHM else ServerSocketChannels
         try:
-            if service.transport == TRANSPORT_SHM:
-                self._channels = ServerShmChannels(
-                    self._clock,
-                    self._transport,
-                    self._directory,
-                    service.name,
-                    self.maxMessageSize,
-                    authUid,
-                    authGid,
-                    mode,
-                    self._requestReceived,
-                    self._channelFailed,
-                )
-            else:
-                self._channels = ServerSocketChannels(
-                    self._reactor,
-                    self._directory,
-                    service.name,
-                    self.maxMessageSize,
-                    authUid,
-                    authGid,
-                    mode,
-                    self._requestReceived,
-                    self._channelFailed,
-                )
+            self._channels = channels(
+                self._reactor,
+                self._transport,
+                self._directory,
+                service.name,
+                self.maxMessageSize,
+                authUid,
+                authGid,
+                mode,
+                self._requestReceived,
+                self._channelFailed,
+            )
         except OSError as e:
             self._refuse(e.errno or errno.EIO, f"cannot create its transport: {e}")
             return

@@ -230,7 +230,7 @@ class ServerShmChannels:
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: Any,
         setup: ITransport,
         directory: PrivateDirectory,
         service: str,

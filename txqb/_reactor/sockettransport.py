@@ -63,6 +63,7 @@ class ServerSocketChannels:
     def __init__(
         self,
         reactor: IReactorFDSet,
+        setup: object,
         directory: PrivateDirectory,
         service: str,
         maxMessageSize: int,
