@@ -94,7 +94,7 @@ import txqb
 import txqb._reactor.shmtransport as shm
 shm.RESPONSE_SPIN = {spin!r}
 async def main(reactor):
-    client = await txqb.connect(reactor, {name!r}, experimentalShm=True)
+    client = await txqb.connect(reactor, {name!r})
     payload = bytes(64)
     for _ in range(200):
         await client.request(0, payload)

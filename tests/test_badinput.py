@@ -282,7 +282,7 @@ async def test_churn(reactor: Any, serviceName: str, transport: str) -> None:
     service = txqb.listen(reactor, serviceName, handlers, transport=transport)
     try:
         for _ in range(1000):
-            client = await txqb.connect(reactor, serviceName, experimentalShm=True)
+            client = await txqb.connect(reactor, serviceName)
             await client.disconnect()
         handlers.refuse = errno.EACCES
         for _ in range(300):

@@ -276,25 +276,7 @@ async def _cserver(reactor: Any, cpeers: Peers, name: str, env: Env, *args: str)
 
 
 async def _connect(reactor: Any, name: str, env: Env, **kw: Any) -> txqb.Client:
-    return await txqb.connect(
-        reactor, name, filesystemSockets=env.filesystem, experimentalShm=env.transport == "shm", **kw
-    )
-
-
-def _knownShmEventBug(env: Env, request: pytest.FixtureRequest) -> None:
-    """
-    Known bug, under investigation: in some runs a C libqb server's event
-    writer laps the txqb SHM client's event ring (1088 small chunks: one
-    ring), so events are lost and the client then finds no committed chunk
-    at its read pointer (EBADMSG).  Not seen with a C reader, nor with
-    libqb's qb_rb writer against txqb's ring reader outside IPC (300 000
-    chunks), nor with a txqb server.  The test still runs every time and
-    reports XPASS or XFAIL; the SHM client is opt-in until it is fixed.
-    """
-    if env.transport == "shm":
-        request.node.add_marker(
-            pytest.mark.xfail(reason="known SHM client event-ring bug", strict=False)
-        )
+    return await txqb.connect(reactor, name, filesystemSockets=env.filesystem, **kw)
 
 
 @pytest_twisted.ensureDeferred
@@ -371,11 +353,8 @@ async def test_txqbClientMegabyte(reactor: Any, cpeers: Peers, serviceName: str,
 
 
 @pytest_twisted.ensureDeferred
-async def test_txqbClientEventStorm(
-    reactor: Any, cpeers: Peers, serviceName: str, env: Env, request: pytest.FixtureRequest
-) -> None:
+async def test_txqbClientEventStorm(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
     """30 000 events from a C server, then maximal ones, in order."""
-    _knownShmEventBug(env, request)
     async with await _cserver(reactor, cpeers, serviceName, env):
         count = [0]
 
@@ -394,21 +373,7 @@ async def test_txqbClientEventStorm(
 
 
 @pytest_twisted.ensureDeferred
-async def test_txqbClientShmOptIn(reactor: Any, cpeers: Peers, serviceName: str, mode: str) -> None:
-    """Without the opt-in, an SHM server is refused cleanly with ENOTSUP."""
-    env = Env(mode, cpeers, "shm")
-    async with await _cserver(reactor, cpeers, serviceName, env) as server:
-        with pytest.raises(txqb.QBError) as e:
-            await txqb.connect(reactor, serviceName, filesystemSockets=env.filesystem)
-        assert e.value.errno == errno.ENOTSUP
-        await server.waitFor("DESTROYED")
-
-
-@pytest_twisted.ensureDeferred
-async def test_txqbClientEvents(
-    reactor: Any, cpeers: Peers, serviceName: str, env: Env, request: pytest.FixtureRequest
-) -> None:
-    _knownShmEventBug(env, request)
+async def test_txqbClientEvents(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
     async with await _cserver(reactor, cpeers, serviceName, env):
         received: List[txqb.Message] = []
         client = await _connect(reactor, serviceName, env, eventReceived=received.append)

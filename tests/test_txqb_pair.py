@@ -30,7 +30,7 @@ async def test_eventBackPressure(reactor: Any, serviceName: str, transport: str)
     """A slow ``async for`` consumer makes the server wait, loses nothing."""
     handlers = PeerHandlers()
     service = txqb.listen(reactor, serviceName, handlers, transport=transport)
-    client = await txqb.connect(reactor, serviceName, experimentalShm=True)
+    client = await txqb.connect(reactor, serviceName)
     try:
         stream = client.events(highWater=50)
         burst = client.request(1, struct.pack("<II", 3000, 1000))
@@ -63,7 +63,7 @@ async def test_orderedAsyncReplies(reactor: Any, serviceName: str, transport: st
             return payload
 
     service = txqb.listen(reactor, serviceName, Slow(), transport=transport)
-    client = await txqb.connect(reactor, serviceName, experimentalShm=True)
+    client = await txqb.connect(reactor, serviceName)
     try:
         replies = [client.request(0, b"%d" % i) for i in range(5)]
         while len(gates) < 5:
@@ -87,7 +87,7 @@ async def test_handlerErrors(reactor: Any, serviceName: str, transport: str) -> 
             raise RuntimeError("bug")
 
     service = txqb.listen(reactor, serviceName, Failing(), transport=transport)
-    client = await txqb.connect(reactor, serviceName, experimentalShm=True)
+    client = await txqb.connect(reactor, serviceName)
     try:
         assert (await client.request(1)).error == -2
         assert (await client.request(2)).error == -5
@@ -100,9 +100,7 @@ async def test_handlerErrors(reactor: Any, serviceName: str, transport: str) -> 
 async def test_deepPipeline(reactor: Any, serviceName: str, transport: str) -> None:
     """A txqb server never drops a response, so the window can be wide open."""
     service = txqb.listen(reactor, serviceName, PeerHandlers(), transport=transport)
-    client = await txqb.connect(
-        reactor, serviceName, maxInFlight=100000, maxInFlightBytes=1 << 30, experimentalShm=True
-    )
+    client = await txqb.connect(reactor, serviceName, maxInFlight=100000, maxInFlightBytes=1 << 30)
     try:
         replies = await defer.gatherResults(
             [client.request(0, b"%d" % i) for i in range(20000)], consumeErrors=True
@@ -122,7 +120,7 @@ async def test_lostConnectionFailsEverything(reactor: Any, serviceName: str, tra
             return never
 
     service = txqb.listen(reactor, serviceName, Stall(), transport=transport)
-    client = await txqb.connect(reactor, serviceName, experimentalShm=True)
+    client = await txqb.connect(reactor, serviceName)
     stream = client.events()
     pending = [client.request(0) for _ in range(50)]
     await task.deferLater(reactor, 0.05, lambda: None)

@@ -180,7 +180,6 @@ class Client:
         fcEnableMax: int,
         maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
         maxInFlightBytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
-        experimentalShm: bool = False,
     ) -> None:
         self.name = name
         self.maxInFlight = maxInFlight
@@ -217,13 +216,6 @@ class Client:
                 self._responseReceived,
                 self._eventReceived,
                 self._channelFailed,
-            )
-        elif response.transport == TRANSPORT_SHM and not experimentalShm:
-            raise QBError(
-                f"service {name!r} uses QB_IPC_SHM; txqb's SHM client is experimental"
-                " (it can lose events under a C server's event storm) and is enabled"
-                " only with connect(..., experimentalShm=True)",
-                errno.ENOTSUP,
             )
         elif response.transport == TRANSPORT_SHM:
             self._channels = ClientShmChannels(
@@ -521,12 +513,10 @@ class _Connector:
         fcEnableMax: int,
         maxInFlight: int,
         maxInFlightBytes: int,
-        experimentalShm: bool,
     ) -> None:
         self._reactor = reactor
         self._name = name
         self._window = (maxInFlight, maxInFlightBytes)
-        self._experimentalShm = experimentalShm
         self._address = address
         self._maxMessageSize = max(maxMessageSize, MIN_CLIENT_MAX_MSG_SIZE)
         self._eventReceived = eventReceived
@@ -594,7 +584,6 @@ class _Connector:
                 self._eventReceived,
                 self._fcEnableMax,
                 *self._window,
-                self._experimentalShm,
             )
         except QBError as e:
             self._fail(e)
@@ -657,7 +646,6 @@ def connect(
     socketDirectory: str = DEFAULT_SOCKET_DIR,
     maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
     maxInFlightBytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
-    experimentalShm: bool = False,
 ) -> Deferred[Client]:
     """
     Connect to the libqb service C{name} (``qb_ipcc_connect``), without
@@ -684,10 +672,6 @@ def connect(
         the client (see L{DEFAULT_MAX_IN_FLIGHT} for why).  Raise it
         against txqb servers, which never drop a response.
     @param maxInFlightBytes: request bytes kept on the wire at once.
-    @param experimentalShm: follow a server that chooses ``QB_IPC_SHM``.
-        Off by default: against a C libqb server sending events in bulk the
-        SHM client can still lose events (a known bug); without it such a
-        connection fails with ``ENOTSUP``.
     @return: a cancellable L{Deferred} firing with a L{Client}; it fails
         with L{ServiceNotFoundError}, L{RefusedError} (carrying the
         server's errno), L{QBTimeoutError} or L{ConnectionLostError}.
@@ -714,7 +698,6 @@ def connect(
         fcEnableMax,
         maxInFlight,
         maxInFlightBytes,
-        experimentalShm,
     )
     connector.start()
     return connector.deferred

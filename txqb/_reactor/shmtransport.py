@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import struct
 import threading
 import time
 from collections import deque
@@ -38,13 +37,14 @@ from txqb._wire.ring import (
     RingError,
     dataFileSize,
     initializeHeader,
+    loadInt,
+    loadWord,
     readPath,
+    storeWord,
 )
 
 __all__ = ["ServerShmChannels", "ClientShmChannels", "SharedRing"]
 
-_INT32 = struct.Struct("i")
-_WORD = struct.Struct("I")
 RESPONSE_SPIN = 0.0
 """
 Seconds the response waiter polls ``sem_trywait`` before it blocks in
@@ -116,7 +116,7 @@ class SharedRing:
             header = memoryview(maps[0])
             try:
                 dataPath = readPath(header, DATA_PATH)
-                words = int(_WORD.unpack_from(header, 8)[0])
+                words = loadWord(header, 8)
             finally:
                 header.release()
             fd = openSharedFile(dataPath, words * 4)
@@ -143,18 +143,19 @@ class SharedRing:
             for m in maps:
                 m.close()
             raise OSError(e.errno, str(e)) from None
-        (refs,) = _INT32.unpack_from(views[0], REF_COUNT)
-        _INT32.pack_into(views[0], REF_COUNT, refs + 1)
+        storeWord(views[0], REF_COUNT, loadInt(views[0], REF_COUNT) + 1)
         return cls(maps, ring, semaphore, views)
 
     def detach(self) -> None:
         """Drop this client's reference (libqb: 1, then 0), then unmap."""
         if self._views:
-            _INT32.pack_into(self.header, REF_COUNT, 0)
+            storeWord(self.header, REF_COUNT, 0)
         self.close()
 
     def close(self) -> None:
         """Unmap (the files are removed with their directory)."""
+        if self._views:
+            self.ring.release()
         self.semaphore.release()
         for view in self._views:
             view.release()
@@ -317,7 +318,7 @@ class ServerShmChannels:
     def setFlowControl(self, value: int) -> None:
         """The request ring's user word is the flow-control word."""
         if self._rings:
-            _INT32.pack_into(self._request.header, USER_DATA, value)
+            storeWord(self._request.header, USER_DATA, value)
 
     def close(self, reason: Optional[BaseException] = None) -> None:
         """Stop, fail queued sends, unmap the rings."""
@@ -434,8 +435,7 @@ class ClientShmChannels:
         """The server's flow-control word (request ring user data)."""
         if self.closed:
             return 0
-        value: int = _INT32.unpack_from(self._request.header, USER_DATA)[0]
-        return value
+        return loadInt(self._request.header, USER_DATA)
 
     def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
         """Commit a request; waits (in order) while the ring is full."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import struct
 from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -25,13 +24,13 @@ from txqb._posix.sockets import datagramSocket
 from txqb._reactor.datagram import DatagramChannel
 from txqb._wire.handshake import TRANSPORT_SOCKET
 from txqb._wire.naming import clientSocketNames, socketNames
+from txqb._wire.ring import loadInt, storeWord
 
 __all__ = ["ServerSocketChannels", "ClientSocketChannels", "CONTROL_FILE_SIZE"]
 
 CONTROL_FILE_SIZE = 24
 """Three ``{int32 sent; int32 flow_control}`` pairs."""
 
-_INT32 = struct.Struct("i")  # native: one 4-byte store (see txqb._wire.ring)
 _REQUEST_SENT = 0
 _REQUEST_FLOW_CONTROL = 4
 _EVENT_SENT = 16
@@ -45,8 +44,7 @@ def _add(control: mmap.mmap, offset: int, delta: int) -> None:
     # libqb updates these counters atomically; Python cannot.  They are
     # queue-length hints read only for statistics, so a rare lost update
     # is tolerable, while the flow-control word (a plain store) is exact.
-    (value,) = _INT32.unpack_from(control, offset)
-    _INT32.pack_into(control, offset, value + delta)
+    storeWord(control, offset, loadInt(control, offset) + delta)
 
 
 class ServerSocketChannels:
@@ -138,12 +136,12 @@ class ServerSocketChannels:
         """Events sent and not yet read by the client, as libqb counts."""
         if self._control is None:
             return 0
-        return max(0, int(_INT32.unpack_from(self._control, _EVENT_SENT)[0]))
+        return max(0, loadInt(self._control, _EVENT_SENT))
 
     def setFlowControl(self, value: int) -> None:
         """Write the flow-control word every libqb client checks."""
         if self._control is not None:
-            _INT32.pack_into(self._control, _REQUEST_FLOW_CONTROL, value)
+            storeWord(self._control, _REQUEST_FLOW_CONTROL, value)
 
     def close(self, reason: Optional[BaseException] = None) -> None:
         """Close both sockets and unmap the control file."""
@@ -228,8 +226,7 @@ class ClientSocketChannels:
         """The server's flow-control word, read before every send."""
         if self._control is None:
             return 0
-        value: int = _INT32.unpack_from(self._control, _REQUEST_FLOW_CONTROL)[0]
-        return value
+        return loadInt(self._control, _REQUEST_FLOW_CONTROL)
 
     def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
         """Send one request datagram, counting it as libqb's client does."""

@@ -19,7 +19,7 @@ mmap shared with C libqb and over a bytearray in unit tests.
 from __future__ import annotations
 
 import errno
-import struct
+import mmap
 from typing import Protocol, Union
 
 __all__ = [
@@ -34,9 +34,12 @@ __all__ = [
     "Ring",
     "dataFileSize",
     "initializeHeader",
+    "loadWord",
+    "loadInt",
+    "storeWord",
 ]
 
-Buffer = Union[bytearray, memoryview]
+Buffer = Union[bytearray, memoryview, "mmap.mmap"]
 
 # Offsets in the header file (struct qb_ringbuffer_shared_s, x86-64).
 WRITE_PT = 0
@@ -59,12 +62,35 @@ MAGIC_CONSUMED = 0xD0D0D0D0
 CHUNK_OVERHEAD = 12
 """Bytes a chunk needs beyond its payload (size and magic words, a margin)."""
 
-# Native formats on purpose: libqb uses host order, and CPython packs a
-# native single integer with one aligned 4-byte store (memcpy), while an
-# explicit "<" packs byte by byte, which a concurrent C peer can see torn
-# (a half-updated read pointer makes the writer overwrite unread chunks).
-_WORD = struct.Struct("I")
-_INT = struct.Struct("i")
+def _view(buffer: Buffer) -> memoryview:
+    return memoryview(buffer).cast("B").cast("I")
+
+
+def loadWord(buffer: Buffer, offset: int) -> int:
+    """The unsigned 32-bit word at ``offset`` (a multiple of 4)."""
+    value: int = _view(buffer)[offset // 4]
+    return value
+
+
+def loadInt(buffer: Buffer, offset: int) -> int:
+    """The signed 32-bit word at ``offset``."""
+    value = loadWord(buffer, offset)
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def storeWord(buffer: Buffer, offset: int, value: int) -> None:
+    """
+    Store a 32-bit word (signed or not) at ``offset`` with a single aligned
+    4-byte write, in host order as libqb does.
+
+    Never ``struct.pack_into`` for memory a peer reads concurrently: it
+    first zeroes the target and then writes it (byte by byte, for an
+    explicit byte order), so a C peer can read 0 or a torn value.  A
+    writer that reads a read pointer of 0 believes the ring is nearly
+    empty and overwrites chunks not yet read.  Assigning an item of a
+    memoryview cast to ``I`` is one ``memcpy`` of 4 bytes: one store.
+    """
+    _view(buffer)[offset // 4] = value & 0xFFFFFFFF
 
 
 class Semaphore(Protocol):
@@ -117,13 +143,13 @@ def initializeHeader(header: Buffer, dataSize: int, headerPath: str, dataPath: s
     ``ref_count`` 1 (a C client attaches only to 1 and makes it 2).  The
     semaphore is initialized by the caller (it needs ``sem_init``).
     """
-    _WORD.pack_into(header, WRITE_PT, 0)
-    _WORD.pack_into(header, READ_PT, 0)
-    _WORD.pack_into(header, WORD_SIZE, dataSize // 4)
+    storeWord(header, WRITE_PT, 0)
+    storeWord(header, READ_PT, 0)
+    storeWord(header, WORD_SIZE, dataSize // 4)
     _putPath(header, HDR_PATH, headerPath)
     _putPath(header, DATA_PATH, dataPath)
-    _INT.pack_into(header, USER_DATA, 0)
-    _INT.pack_into(header, REF_COUNT, 1)
+    storeWord(header, USER_DATA, 0)
+    storeWord(header, REF_COUNT, 1)
 
 
 def readPath(header: Buffer, offset: int) -> str:
@@ -145,33 +171,37 @@ class Ring:
         self._header = header
         self._data = data
         self._sem = semaphore
-        words = int(_WORD.unpack_from(header, WORD_SIZE)[0])
+        words = loadWord(header, WORD_SIZE)
         if words * 4 > len(data) or words < 4:
             raise RingError(
                 errno.EBADMSG, f"ring header claims {words} words; data area is {len(data)} bytes"
             )
         self.words: int = words
         self.size: int = words * 4
+        # Word views: every shared word is read and written with one
+        # aligned 4-byte access (see storeWord).
+        self._hw = _view(header)
+        self._dw = _view(data)
 
     # Words
 
     def _get(self, index: int) -> int:
-        value: int = _WORD.unpack_from(self._data, (index % self.words) * 4)[0]
+        value: int = self._dw[index % self.words]
         return value
 
     def _put(self, index: int, value: int) -> None:
-        _WORD.pack_into(self._data, (index % self.words) * 4, value)
+        self._dw[index % self.words] = value
 
     @property
     def writePointer(self) -> int:
         """Word index where the next chunk goes."""
-        value: int = _WORD.unpack_from(self._header, WRITE_PT)[0]
+        value: int = self._hw[WRITE_PT // 4]
         return value
 
     @property
     def readPointer(self) -> int:
         """Word index of the oldest unconsumed chunk."""
-        value: int = _WORD.unpack_from(self._header, READ_PT)[0]
+        value: int = self._hw[READ_PT // 4]
         return value
 
     @property
@@ -217,7 +247,7 @@ class Ring:
         for part in parts:
             offset = self._copyIn(offset, part)
         self._put(p, size)
-        _WORD.pack_into(self._header, WRITE_PT, self._next(p, size))
+        self._hw[WRITE_PT // 4] = self._next(p, size)
         self._put(p + 1, MAGIC_COMMITTED)
         self._sem.post()
 
@@ -281,7 +311,12 @@ class Ring:
         p, size = self._peeked
         self._put(p, 0)
         self._put(p + 1, MAGIC_CONSUMED)
-        _WORD.pack_into(self._header, READ_PT, self._next(p, size))
+        self._hw[READ_PT // 4] = self._next(p, size)
+
+    def release(self) -> None:
+        """Drop this ring's views of the buffers (before unmapping them)."""
+        self._hw.release()
+        self._dw.release()
 
     def read(self, counted: bool = False) -> bytes:
         """Copy out and consume the oldest chunk (see L{peek})."""
