@@ -40,6 +40,7 @@ class Peers:
     server: pathlib.Path
     client: pathlib.Path
     fsShim: pathlib.Path
+    rbWriter: pathlib.Path
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ _TARGETS = (
     _Target("qbserver.c", "qbserver", (), ("-lqb",)),
     _Target("qbclient.c", "qbclient", (), ("-lqb",)),
     _Target("fsflag_shim.c", "fsflag_shim.so", ("-shared", "-fPIC"), ("-ldl",)),
+    _Target("qbrbwriter.c", "qbrbwriter", (), ("-lqb",)),
 )
 
 
@@ -156,4 +158,5 @@ def build(outdir: pathlib.Path) -> Peers:
         server=outdir / "qbserver",
         client=outdir / "qbclient",
         fsShim=outdir / "fsflag_shim.so",
+        rbWriter=outdir / "qbrbwriter",
     )
