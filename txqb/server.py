@@ -493,9 +493,10 @@ class ServerConnection:
             self._reply(done.msgId, done.result)
 
     def _reply(self, msgId: int, result: Any) -> None:
+        if self._state is not _State.ESTABLISHED and isinstance(result, Failure):
+            log.failure("{conn!r}: handler failed", result, conn=self)
+            return
         if result is None or self._state is not _State.ESTABLISHED:
-            if isinstance(result, Failure):
-                log.failure("{conn!r}: handler failed", result, conn=self)
             return
         if isinstance(result, Failure):
             if isinstance(result.value, QBError):

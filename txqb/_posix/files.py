@@ -124,7 +124,7 @@ class PrivateDirectory:
         self.fd = -1
         try:
             os.rmdir(self.path)
-        except (FileNotFoundError, OSError):
+        except OSError:
             pass
 
 

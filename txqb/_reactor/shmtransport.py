@@ -107,42 +107,35 @@ class SharedRing:
         if not os.path.isabs(base):
             raise OSError(errno.EBADMSG, f"server named ring {base!r}")
         maps: List[mmap.mmap] = []
+        views: List[memoryview] = []
+        semaphore: Optional[SharedSemaphore] = None
         try:
             fd = openSharedFile(base + "-header", HEADER_STRUCT_SIZE)
             try:
                 maps.append(mapFile(fd, os.fstat(fd).st_size))
             finally:
                 os.close(fd)
-            header = memoryview(maps[0])
-            try:
-                dataPath = readPath(header, DATA_PATH)
-                words = loadWord(header, 8)
-            finally:
-                header.release()
-            fd = openSharedFile(dataPath, words * 4)
+            views.append(memoryview(maps[0]))
+            words = loadWord(views[0], 8)
+            fd = openSharedFile(readPath(views[0], DATA_PATH), words * 4)
             try:
                 maps.append(mapFile(fd, words * 4))
             finally:
                 os.close(fd)
-        except RingError as e:
-            for m in maps:
-                m.close()
-            raise OSError(e.errno, str(e)) from None
-        except BaseException:
-            for m in maps:
-                m.close()
-            raise
-        views = [memoryview(m) for m in maps]
-        semaphore = SharedSemaphore(maps[0], SEMAPHORE)
-        try:
+            views.append(memoryview(maps[1]))
+            semaphore = SharedSemaphore(maps[0], SEMAPHORE)
             ring = Ring(views[0], views[1], semaphore)
-        except RingError as e:
-            semaphore.release()
+        except BaseException as e:
+            # Unwind in reverse: pointers into the maps before the maps.
+            if semaphore is not None:
+                semaphore.release()
             for view in views:
                 view.release()
             for m in maps:
                 m.close()
-            raise OSError(e.errno, str(e)) from None
+            if isinstance(e, RingError):
+                raise OSError(e.errno, str(e)) from None
+            raise
         storeWord(views[0], REF_COUNT, loadInt(views[0], REF_COUNT) + 1)
         return cls(maps, ring, semaphore, views)
 
