@@ -4,7 +4,9 @@ A txqb test service that speaks the same protocol as the C test server
 
 Ids: 0 echo, 1 event burst (the echo service's); 2/3 flow control on
 (RATE_OFF / RATE_OFF_2) for a u32 number of milliseconds; 4 server-side
-disconnect; 6 events before the response; 7 oversize-event probe.
+disconnect; 6 events before the response; 7 oversize-event probe;
+20/21 connection/service stats (u32 clear-after-read flag; u64 fields in
+libqb's struct order); 22 set the rate limit.
 """
 
 from __future__ import annotations
@@ -15,9 +17,30 @@ from typing import Any, List, Optional, Tuple
 
 from txqb import RATE_NORMAL, RATE_OFF, RATE_OFF_2, Message, MessageTooLargeError
 from txqb.echo import EchoHandlers
-from txqb.server import ServerConnection
+from txqb.server import ConnectionStats, ServerConnection
 
 _U32 = struct.Struct("<I")
+
+
+def packConnectionStats(stats: ConnectionStats) -> bytes:
+    """``qb_ipcs_connection_stats_2`` as the C test server sends it."""
+    return struct.pack(
+        "<9Q",
+        stats.clientPid,
+        stats.requests,
+        stats.responses,
+        stats.events,
+        stats.sendRetries,
+        stats.recvRetries,
+        stats.flowControlState,
+        stats.flowControlCount,
+        stats.eventQueueLength,
+    )
+
+
+def unpackConnectionStats(payload: bytes) -> ConnectionStats:
+    """The inverse of L{packConnectionStats}."""
+    return ConnectionStats(*struct.unpack("<9Q", payload))
 
 
 class PeerHandlers(EchoHandlers):
@@ -71,6 +94,19 @@ class PeerHandlers(EchoHandlers):
             return Message(6, 0, b"")
         if msgId == 7:
             return self._oversize(connection)
+        if msgId == 20:
+            (clear,) = _U32.unpack(payload[:4])
+            return Message(20, 0, packConnectionStats(connection.stats(bool(clear))))
+        if msgId == 21:
+            (clear,) = _U32.unpack(payload[:4])
+            stats = connection.service.stats(bool(clear))
+            return Message(
+                21, 0, struct.pack("<2Q", stats.activeConnections, stats.closedConnections)
+            )
+        if msgId == 22:
+            (rate,) = _U32.unpack(payload[:4])
+            connection.service.requestRateLimit(rate)
+            return Message(22, 0, b"")
         return super().messageReceived(connection, msgId, payload)
 
     async def _oversize(self, connection: ServerConnection) -> Message:
@@ -86,4 +122,4 @@ class PeerHandlers(EchoHandlers):
                 call.cancel()
 
 
-__all__ = ["PeerHandlers", "errno"]
+__all__ = ["PeerHandlers", "packConnectionStats", "unpackConnectionStats", "errno"]

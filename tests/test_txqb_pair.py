@@ -44,7 +44,7 @@ async def test_eventBackPressure(reactor: Any, serviceName: str, transport: str)
                 break
         assert (await burst).payload == struct.pack("<I", 3000)
         (conn,) = service.connections
-        assert conn.stats.sendRetries > 0  # the server really had to wait
+        assert conn.stats().sendRetries > 0  # the server really had to wait
     finally:
         await client.disconnect()
         await service.stopListening()

@@ -24,9 +24,11 @@ from txqb.server import (
     RATE_OFF,
     RATE_OFF_2,
     RATE_SLOW,
+    ConnectionStats,
     ServerConnection,
     Service,
     ServiceHandlers,
+    ServiceStats,
     listen,
 )
 
@@ -40,6 +42,8 @@ __all__ = [
     "Service",
     "ServiceHandlers",
     "ServerConnection",
+    "ConnectionStats",
+    "ServiceStats",
     "IServiceHandlers",
     "RATE_FAST",
     "RATE_NORMAL",

@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 from collections import deque
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Deque, Dict, List, Optional, Set, Union
 
@@ -58,6 +59,8 @@ __all__ = [
     "Service",
     "ServiceHandlers",
     "ServerConnection",
+    "ConnectionStats",
+    "ServiceStats",
     "RATE_FAST",
     "RATE_NORMAL",
     "RATE_SLOW",
@@ -82,6 +85,13 @@ RATE_OFF_2 = 4
 """``QB_IPCS_RATE_OFF_2``: stop reading; clients see flow control 2."""
 
 _FLOW_CONTROL = {RATE_OFF: 1, RATE_OFF_2: 2}
+
+# Requests read from one connection per wake-up, as libqb's dispatcher
+# does (``_request_q_len_get``): up to 50 at RATE_FAST, 5 at RATE_NORMAL,
+# one at RATE_SLOW.  libqb also moves the connections between its loop's
+# priority levels; a Twisted reactor has none, and the batch size is what
+# gives a fast service its larger share of the reactor's turns.
+_BATCH = {RATE_FAST: 50, RATE_NORMAL: 5, RATE_SLOW: 1, RATE_OFF: 1, RATE_OFF_2: 1}
 
 DEFAULT_MAX_MESSAGE_SIZE_CEILING = 16 * 1024 * 1024
 """
@@ -152,17 +162,48 @@ class _State(Enum):
     CLOSED = "closed"
 
 
+@dataclass
 class ConnectionStats:
     """
-    Per-connection counters, the subset of libqb's
-    ``qb_ipcs_connection_stats_2`` this transport can know.
+    One connection's counters, field for field libqb's
+    ``qb_ipcs_connection_stats_2`` (see L{ServerConnection.stats}).
+
+    @ivar clientPid: the client's pid, from the kernel.
+    @ivar requests: requests read (``QB_IPC_MSG_DISCONNECT`` excluded).
+    @ivar responses: responses sent.
+    @ivar events: events sent.
+    @ivar sendRetries: responses and events that found the channel full
+        and had to wait (where libqb returns ``-EAGAIN``).
+    @ivar recvRetries: wake-ups that found no request to read.
+    @ivar flowControlState: the flow-control word clients see now (0, 1
+        or 2).
+    @ivar flowControlCount: how often that word changed.
+    @ivar eventQueueLength: events sent and not yet read by the client.
     """
 
-    def __init__(self) -> None:
-        self.requests = 0
-        self.responses = 0
-        self.events = 0
-        self.sendRetries = 0
+    clientPid: int = 0
+    requests: int = 0
+    responses: int = 0
+    events: int = 0
+    sendRetries: int = 0
+    recvRetries: int = 0
+    flowControlState: int = 0
+    flowControlCount: int = 0
+    eventQueueLength: int = 0
+
+
+@dataclass
+class ServiceStats:
+    """
+    A service's counters (libqb's ``qb_ipcs_stats``).
+
+    @ivar activeConnections: established connections now.
+    @ivar closedConnections: established connections that have closed
+        since the service started or the counter was last cleared.
+    """
+
+    activeConnections: int = 0
+    closedConnections: int = 0
 
 
 class _ReplySlot:
@@ -193,7 +234,8 @@ class ServerConnection:
         self.context: Any = None
         self.maxMessageSize = 0
         self.description = ""
-        self.stats = ConnectionStats()
+        self._stats = ConnectionStats(clientPid=credentials.pid)
+        self._emptyReadsBase = 0
         self._reactor = service._reactor
         self._state = _State.HANDSHAKE
         self._buffer = b""
@@ -279,6 +321,43 @@ class ServerConnection:
         """Events sent and not yet read by the client."""
         return self._channels.eventQueueLength() if self._channels else 0
 
+    def stats(self, clearAfterRead: bool = False) -> ConnectionStats:
+        """
+        A snapshot of this connection's counters
+        (``qb_ipcs_connection_stats_get_2``).
+
+        @param clearAfterRead: zero the counters after reading them, as
+            libqb does (the pid and the flow-control state are facts, not
+            counters, and stay).
+        """
+        channels = self._channels
+        emptyReads = channels.emptyReads if channels is not None else self._emptyReadsBase
+        snapshot = replace(
+            self._stats,
+            recvRetries=emptyReads - self._emptyReadsBase,
+            eventQueueLength=self.eventQueueLength(),
+        )
+        if clearAfterRead:
+            self._stats = ConnectionStats(
+                clientPid=self.credentials.pid,
+                flowControlState=self._stats.flowControlState,
+            )
+            self._emptyReadsBase = emptyReads
+        return snapshot
+
+    @property
+    def bufferSize(self) -> int:
+        """
+        The negotiated message size (``qb_ipcs_connection_get_buffer_size``):
+        the largest request, response or event, header included.
+        """
+        return self.maxMessageSize
+
+    @property
+    def serviceId(self) -> int:
+        """The service's id (``qb_ipcs_service_id_get``)."""
+        return self.service.serviceId
+
     # Sending
 
     def _send(self, msgId: int, payload: bytes, error: int, response: bool) -> Deferred[None]:
@@ -296,15 +375,18 @@ class ServerConnection:
         try:
             if response:
                 queued = channels.sendResponse(data)
-                self.stats.responses += 1
+                self._stats.responses += 1
             else:
                 queued = channels.sendEvent(data)
-                self.stats.events += 1
+                self._stats.events += 1
         except OSError as e:
             return fail(QBError(f"send failed: {e.strerror}", e.errno))
         if queued is None:
             return succeed(None)
-        self.stats.sendRetries += 1
+        if not queued.called:
+            # It waits for room in the channel, where libqb would have
+            # returned -EAGAIN: libqb counts that as a send retry.
+            self._stats.sendRetries += 1
         return queued
 
     # Handshake
@@ -398,11 +480,7 @@ class ServerConnection:
         )
         self._state = _State.ESTABLISHED
         service._established(self)
-        fc = _FLOW_CONTROL.get(service.rateLimit, 0)
-        if fc:
-            self._channels.setFlowControl(fc)
-        else:
-            self._channels.startReading()
+        self._applyRateLimit(service.rateLimit)
         log.info(
             "{conn!r}: connected, {size}-byte messages, {desc}",
             conn=self,
@@ -460,7 +538,7 @@ class ServerConnection:
         if msgId in (MSG_AUTHENTICATE, MSG_NEW_EVENT_SOCK):
             self._protocolError(f"request uses reserved id {msgId}")
             return
-        self.stats.requests += 1
+        self._stats.requests += 1
         self._dispatch(msgId, msg.payload)
 
     def _protocolError(self, why: str) -> None:
@@ -526,14 +604,19 @@ class ServerConnection:
     # Flow control
 
     def _applyRateLimit(self, rate: int) -> None:
-        if self._channels is None or self._state is not _State.ESTABLISHED:
+        channels = self._channels
+        if channels is None or self._state is not _State.ESTABLISHED:
             return
         fc = _FLOW_CONTROL.get(rate, 0)
-        self._channels.setFlowControl(fc)
+        if fc != self._stats.flowControlState:
+            channels.setFlowControl(fc)
+            self._stats.flowControlState = fc
+            self._stats.flowControlCount += 1
+        channels.batch = _BATCH[rate]
         if fc:
-            self._channels.stopReading()
+            channels.stopReading()
         else:
-            self._channels.startReading()
+            channels.startReading()
 
     # Teardown
 
@@ -685,7 +768,7 @@ class Service:
         self.address = serviceAddress(name, filesystemSockets, socketDirectory)
         self._pending: Set[ServerConnection] = set()
         self._connections: Dict[ServerConnection, None] = {}
-        self.closedConnections = 0
+        self._closedCount = 0
         self._listener: Optional[_Listener] = None
         self._stopping: Optional[Deferred[None]] = None
         self._socketInode: Optional[int] = None
@@ -694,6 +777,25 @@ class Service:
     def connections(self) -> List[ServerConnection]:
         """The established connections, oldest first."""
         return list(self._connections)
+
+    @property
+    def closedConnections(self) -> int:
+        """Established connections closed so far (see L{stats})."""
+        return self._closedCount
+
+    def stats(self, clearAfterRead: bool = False) -> ServiceStats:
+        """
+        The service's counters (``qb_ipcs_stats_get``).
+
+        @param clearAfterRead: reset the closed-connection count after
+            reading it.  (libqb also zeroes its active count, which then
+            wraps below zero as those connections close; txqb counts the
+            live connections instead, so that number is always right.)
+        """
+        result = ServiceStats(len(self._connections), self._closedCount)
+        if clearAfterRead:
+            self._closedCount = 0
+        return result
 
     def startListening(self) -> None:
         """Bind the service name and start accepting clients."""
@@ -771,7 +873,7 @@ class Service:
     def _unestablished(self, conn: ServerConnection) -> None:
         self._pending.discard(conn)
         if self._connections.pop(conn, 0) is None:
-            self.closedConnections += 1
+            self._closedCount += 1
 
     def _gone(self, conn: ServerConnection) -> None:
         self._pending.discard(conn)

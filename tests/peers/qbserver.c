@@ -16,7 +16,14 @@
  * Request ids understood by msg_process (payload integers are uint32 LE):
  *   0 echo              1 COUNT SIZE: send events   2/3 MS: flow control
  *   4 server disconnect 5 die in the handler        6 N: events then response
- *   7 oversize event probe                          * anything else: -EINVAL
+ *   7 oversize event probe
+ *  20 CLEAR: this connection's qb_ipcs_connection_stats_2, cleared after
+ *     reading when CLEAR is non-zero: nine u64 LE fields in the struct's
+ *     order (client_pid, requests, responses, events, send_retries,
+ *     recv_retries, flow_control_state, flow_control_count, event_q_length)
+ *  21 CLEAR: qb_ipcs_stats_get: two u64 (active, closed connections)
+ *  22 RATE: qb_ipcs_request_rate_limit(service, RATE), kept until changed
+ *                                                   * anything else: -EINVAL
  * Events go out with a 20 s retry budget while the client's queue is full;
  * if it runs out, EVENTFAIL <rc> is printed and the response carries
  * error = rc and (id 1) the number of events actually sent.  Event sizes
@@ -53,6 +60,9 @@ enum {
 	MSG_DIE = 5,
 	MSG_EVENTS_THEN_RESPONSE = 6,
 	MSG_OVERSIZE_EVENT = 7,
+	MSG_CONN_STATS = 20,
+	MSG_SERVICE_STATS = 21,
+	MSG_RATE = 22,
 };
 
 /* How long the event senders keep retrying a full event queue. */
@@ -483,6 +493,81 @@ handle_oversize_event(qb_ipcs_connection_t *c)
 	send_response(c, MSG_OVERSIZE_EVENT, (int32_t)rc, NULL, 0);
 }
 
+static void
+put_le64(uint8_t *p, uint64_t v)
+{
+	put_le32(p, (uint32_t)v);
+	put_le32(p + 4, (uint32_t)(v >> 32));
+}
+
+static void
+handle_conn_stats(qb_ipcs_connection_t *c, const uint8_t *payload, size_t len)
+{
+	struct qb_ipcs_connection_stats_2 *st;
+	uint8_t reply[9 * 8];
+
+	if (len < 4) {
+		send_response(c, MSG_CONN_STATS, -EINVAL, NULL, 0);
+		return;
+	}
+	st = qb_ipcs_connection_stats_get_2(c, get_le32(payload) != 0);
+	if (st == NULL) {
+		send_response(c, MSG_CONN_STATS, -errno, NULL, 0);
+		return;
+	}
+	put_le64(reply, (uint64_t)(int64_t)st->client_pid);
+	put_le64(reply + 8, st->requests);
+	put_le64(reply + 16, st->responses);
+	put_le64(reply + 24, st->events);
+	put_le64(reply + 32, st->send_retries);
+	put_le64(reply + 40, st->recv_retries);
+	put_le64(reply + 48, (uint64_t)(int64_t)st->flow_control_state);
+	put_le64(reply + 56, st->flow_control_count);
+	put_le64(reply + 64, st->event_q_length);
+	free(st);
+	send_response(c, MSG_CONN_STATS, 0, reply, sizeof(reply));
+}
+
+static void
+handle_service_stats(qb_ipcs_connection_t *c, const uint8_t *payload,
+		     size_t len)
+{
+	struct qb_ipcs_stats st;
+	uint8_t reply[2 * 8];
+	int32_t rc;
+
+	if (len < 4) {
+		send_response(c, MSG_SERVICE_STATS, -EINVAL, NULL, 0);
+		return;
+	}
+	rc = qb_ipcs_stats_get(service, &st, get_le32(payload) != 0);
+	if (rc != 0) {
+		send_response(c, MSG_SERVICE_STATS, rc, NULL, 0);
+		return;
+	}
+	put_le64(reply, st.active_connections);
+	put_le64(reply + 8, st.closed_connections);
+	send_response(c, MSG_SERVICE_STATS, 0, reply, sizeof(reply));
+}
+
+static void
+handle_rate(qb_ipcs_connection_t *c, const uint8_t *payload, size_t len)
+{
+	uint32_t rate;
+
+	if (len < 4 || (rate = get_le32(payload)) > QB_IPCS_RATE_OFF_2) {
+		send_response(c, MSG_RATE, -EINVAL, NULL, 0);
+		return;
+	}
+	if (fc_timer_armed) {
+		(void)qb_loop_timer_del(loop, fc_timer);
+		fc_timer_armed = 0;
+	}
+	qb_ipcs_request_rate_limit(service, (enum qb_ipcs_rate_limit)rate);
+	send_response(c, MSG_RATE, 0, NULL, 0);
+	printf("RATE %u\n", rate);
+}
+
 /*
  * Calling qb_ipcs_disconnect() from inside msg_process is unsafe in libqb
  * 2.0.6: it drops the last reference and frees the connection, and the
@@ -613,6 +698,15 @@ on_msg(qb_ipcs_connection_t *c, void *data, size_t size)
 		break;
 	case MSG_OVERSIZE_EVENT:
 		handle_oversize_event(c);
+		break;
+	case MSG_CONN_STATS:
+		handle_conn_stats(c, payload, len);
+		break;
+	case MSG_SERVICE_STATS:
+		handle_service_stats(c, payload, len);
+		break;
+	case MSG_RATE:
+		handle_rate(c, payload, len);
 		break;
 	default:
 		send_response(c, req->id, -EINVAL, NULL, 0);

@@ -80,6 +80,7 @@ class DatagramChannel:
         self._writing = False
         self._reset: Optional[OSError] = None
         self.closed = False
+        self.emptyReads = 0
 
     # IReadDescriptor / IWriteDescriptor
 
@@ -90,6 +91,17 @@ class DatagramChannel:
     def logPrefix(self) -> str:
         """The channel's name in log lines."""
         return self._name
+
+    @property
+    def batch(self) -> int:
+        """Datagrams read per wake-up at most (libqb's rate limit)."""
+        return self._batch
+
+    @batch.setter
+    def batch(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"batch must be positive, not {value}")
+        self._batch = value
 
     def doRead(self) -> None:
         """Read up to C{batch} datagrams and hand each over."""
@@ -106,11 +118,14 @@ class DatagramChannel:
 
     def _read(self, limit: int) -> None:
         sock, view, buffer = self._sock, self._view, self._buffer
+        first = True
         while limit != 0:
             limit -= 1
             try:
                 n = sock.recv_into(buffer)
             except BlockingIOError:
+                if first:
+                    self.emptyReads += 1
                 reset = self._reset
                 if reset is not None:
                     self._fail(reset)
@@ -125,6 +140,7 @@ class DatagramChannel:
                     continue
                 self._fail(e)
                 return None
+            first = False
             self._onDatagram(bytes(view[:n]))
             if self.closed or not self._reading:
                 return None

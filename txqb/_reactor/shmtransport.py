@@ -255,6 +255,10 @@ class ServerShmChannels:
         self._drainCall: Optional[IDelayedCall] = None
         self.doorbells = 0
         self.chunks = 0
+        self.batch = 5
+        """Requests read per wake-up at most."""
+        self.emptyReads = 0
+        """Wake-ups that found no request (libqb's ``recv_retries``)."""
         self._responses = _RingWriter(reactor, response.ring, _nothing)
         self._events = _RingWriter(reactor, event.ring, self._ringDoorbell)
         self._eventRing = event
@@ -279,20 +283,31 @@ class ServerShmChannels:
     def setupBytesReceived(self, data: bytes) -> None:
         """Request doorbells: count them and read what is committed."""
         self.doorbells += len(data)
-        if self._reading:
+        if self._reading and self._drainCall is None:
             self._drain()
 
     def _drain(self) -> None:
         self._drainCall = None
         ring = self._request.ring
+        budget = self.batch
         while self._reading and self._rings:
+            if budget == 0:
+                # The rest waits for the next turn of the reactor, so that
+                # other connections (and new clients) get theirs.
+                self._drainCall = self._reactor.callLater(0, self._drain)
+                return
             try:
                 chunk = ring.read()
             except RingError as e:
                 if e.errno == errno.EAGAIN:
+                    if budget == self.batch and self.doorbells > self.chunks:
+                        # A doorbell for a chunk that is not there.  (Bells
+                        # for chunks an earlier turn already read are not.)
+                        self.emptyReads += 1
                     return
                 self._onError(OSError(e.errno, f"request ring: {e}"))
                 return
+            budget -= 1
             self.chunks += 1
             self._onRequest(chunk)
 

@@ -110,6 +110,20 @@ class ServerSocketChannels:
         )
         self.strings = (names.control, names.base, "")
 
+    @property
+    def batch(self) -> int:
+        """Requests read per wake-up at most."""
+        return self.requests.batch
+
+    @batch.setter
+    def batch(self, value: int) -> None:
+        self.requests.batch = value
+
+    @property
+    def emptyReads(self) -> int:
+        """Wake-ups that found no request (libqb's ``recv_retries``)."""
+        return self.requests.emptyReads
+
     def startReading(self) -> None:
         """Begin (or resume) reading requests."""
         self.requests.startReading()
