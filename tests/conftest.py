@@ -2,7 +2,9 @@
 Fixtures for txqb's tests.
 
 * C{reactor}: the reactor pytest-twisted installed (``--reactor`` picks
-  it: default, asyncio, ...).
+  it: default, asyncio, ...; with ``--reactor=default``, the environment
+  variable ``TXQB_TEST_REACTOR=poll`` or ``select`` picks Twisted's poll or
+  select reactor instead of epoll).
 * An autouse cleanliness check, in the spirit of trial's dirty-reactor
   error and libqb's ``resources.test``: after every test no delayed call,
   reader or writer beyond the baseline remains, no file descriptor leaked,
@@ -15,6 +17,7 @@ Fixtures for txqb's tests.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from typing import Any, Iterator, Set
 
@@ -23,6 +26,24 @@ import pytest_twisted
 from twisted.internet import task
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+_REACTORS = {"poll": "PollReactor", "select": "SelectReactor"}
+_chosen = os.environ.get("TXQB_TEST_REACTOR", "")
+if _chosen:
+    if _chosen not in _REACTORS:
+        raise RuntimeError(f"TXQB_TEST_REACTOR={_chosen!r}: use one of {sorted(_REACTORS)}")
+
+    def _installChosen() -> None:
+        import importlib
+
+        module = importlib.import_module(f"twisted.internet.{_chosen}reactor")
+        pytest_twisted._install_reactor(
+            reactor_installer=module.install, reactor_type=getattr(module, _REACTORS[_chosen])
+        )
+
+    # pytest-twisted installs the reactor in its pytest_configure, which
+    # runs after this module is imported.
+    pytest_twisted.reactor_installers["default"] = _installChosen
 
 from peers.build import Peers, PeersUnavailable, build  # noqa: E402
 
@@ -53,12 +74,43 @@ def _fdTarget(fd: int) -> str:
         return "?"
 
 
+_spawned: Set[int] = set()
+"""Pids of every process this run started (see _recordChildren)."""
+
+
+def _recordChildren() -> None:
+    # Another test run on the same machine makes /dev/shm entries too;
+    # knowing this run's processes tells them apart (a libqb connection
+    # directory is named qb-<server pid>-<client pid>-...).
+    original = subprocess.Popen.__init__
+
+    def recordingInit(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _spawned.add(self.pid)
+
+    subprocess.Popen.__init__ = recordingInit  # type: ignore[method-assign]
+    reactor = _reactor()
+    spawn = reactor.spawnProcess
+
+    def recordingSpawn(*args: Any, **kwargs: Any) -> Any:
+        process = spawn(*args, **kwargs)
+        _spawned.add(process.pid)
+        return process
+
+    reactor.spawnProcess = recordingSpawn
+
+
 def _ours(name: str) -> bool:
     # Names made by this run carry its pid (see the serviceName fixture);
     # another test run on the same machine makes txqbtest<its pid> names,
-    # which are not this run's leaks.  Names without the prefix are ours
-    # to account for too.
-    return "txqbtest" not in name or f"txqbtest{os.getpid()}n" in name
+    # which are not this run's leaks.
+    if "txqbtest" in name:
+        return f"txqbtest{os.getpid()}n" in name
+    parts = name.split("-")
+    if name.startswith("qb-") and len(parts) > 2 and parts[1].isdigit() and parts[2].isdigit():
+        pids = {int(parts[1]), int(parts[2])}
+        return bool(pids & (_spawned | {os.getpid()}))
+    return True
 
 
 def _shmEntries() -> Set[str]:
@@ -77,6 +129,7 @@ def _state(reactor: Any) -> tuple[Set[Any], Set[Any], int]:
 def _reactorStarted() -> None:
     # The reactor adds its own wakers and signal pipes when it first runs;
     # let that happen before any test takes its baseline.
+    _recordChildren()
     pytest_twisted.blockon(task.deferLater(_reactor(), 0, lambda: None))
 
 

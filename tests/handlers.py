@@ -15,6 +15,8 @@ import errno
 import struct
 from typing import Any, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred, gatherResults
+
 from txqb import RATE_NORMAL, RATE_OFF, RATE_OFF_2, Message, MessageTooLargeError
 from txqb.echo import EchoHandlers
 from txqb.server import ConnectionStats, ServerConnection
@@ -69,6 +71,14 @@ class PeerHandlers(EchoHandlers):
 
     def connectionDestroyed(self, connection: ServerConnection) -> None:
         self.calls.append(("destroyed", connection.credentials.pid))
+
+    def allClosed(self) -> "Deferred[object]":
+        """
+        Fires once every connection created so far is torn down: a C
+        client's exit reaches the test before the server has necessarily
+        seen the connection close.
+        """
+        return gatherResults([c.whenClosed() for c in self.connections])
 
     def names(self) -> List[str]:
         return [name for name, _ in self.calls]

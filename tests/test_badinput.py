@@ -176,6 +176,7 @@ async def test_disconnectRequest(reactor: Any, serviceName: str) -> None:
             return raw.closedByPeer()
 
         assert await deferToThread(goodbye)
+        await handlers.allClosed()
         assert handlers.names() == ["accept", "created", "closed", "destroyed"]
     finally:
         raw.close()

@@ -90,6 +90,7 @@ async def test_cClientEcho(reactor: Any, cpeers: Peers, serviceName: str, senv: 
         accept = dict(handlers.calls)["accept"]
         assert accept[1:] == (os.getuid(), os.getgid())
         assert accept[0] > 0 and accept[0] != os.getpid()
+        await handlers.allClosed()
         assert handlers.names() == ["accept", "created", "closed", "destroyed"]
         if senv.filesystem:
             assert os.path.exists(f"/tmp/{serviceName}")
