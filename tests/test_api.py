@@ -6,6 +6,7 @@ same traffic.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from typing import Any, Dict, List, Tuple
@@ -14,7 +15,7 @@ import pytest
 import pytest_twisted
 
 import txqb
-from cprocs import CServer
+from cprocs import CServer, runClient
 from handlers import PeerHandlers, unpackConnectionStats
 from peers.build import Peers
 from txqb.server import ConnectionStats, ServerConnection
@@ -186,6 +187,10 @@ async def test_rateLimitCountsAndConnections(reactor: Any, serviceName: str, tra
         assert service.stats() == txqb.ServiceStats(2, 0)
         await clients.pop().disconnect()
         await second.whenClosed()
+        assert clients[0].stats(clearAfterRead=True) == txqb.ClientStats(
+            requests=1, responses=1
+        )
+        assert clients[0].stats() == txqb.ClientStats()
         assert service.stats(clearAfterRead=True) == txqb.ServiceStats(1, 1)
         assert service.stats() == txqb.ServiceStats(1, 0)
         with pytest.raises(ValueError):
@@ -193,4 +198,44 @@ async def test_rateLimitCountsAndConnections(reactor: Any, serviceName: str, tra
     finally:
         for client in clients:
             await client.disconnect()
+        await service.stopListening()
+
+
+class _Oversize(PeerHandlers):
+    """Answers id 9 with more than the connection can carry."""
+
+    def messageReceived(self, connection: ServerConnection, msgId: int, payload: bytes) -> Any:
+        if msgId == 9:
+            return bytes(connection.bufferSize)
+        if msgId == 10:
+            return self._explicit(connection)
+        return super().messageReceived(connection, msgId, payload)
+
+    async def _explicit(self, connection: ServerConnection) -> txqb.Message:
+        with pytest.raises(txqb.MessageTooLargeError) as caught:
+            await connection.respond(10, bytes(connection.bufferSize))
+        assert caught.value.errno == errno.EMSGSIZE
+        with pytest.raises(txqb.MessageTooLargeError):
+            await connection.sendEvent(10, bytes(connection.bufferSize))
+        return txqb.Message(10, 0, b"checked")
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversizeAnswers(
+    reactor: Any, serviceName: str, transport: str, cpeers: Peers
+) -> None:
+    """
+    An answer too large for the connection never reaches the wire: an
+    explicit respond or sendEvent fails with EMSGSIZE, and a handler's
+    returned answer becomes a -EMSGSIZE response, so the client (a C libqb
+    one here) gets an answer and the pairing of later responses holds.
+    """
+    service = txqb.listen(reactor, serviceName, _Oversize(), transport=transport)
+    try:
+        code, lines = await runClient(
+            reactor, cpeers, serviceName, "invalid", "9", "invalid", "10", "echo", "100"
+        )
+        assert code == 0, lines
+        assert lines[1:] == [f"INVALID 9 {-errno.EMSGSIZE}", "INVALID 10 0", "ECHO 100 ok", "DONE"]
+    finally:
         await service.stopListening()

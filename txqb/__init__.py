@@ -7,7 +7,7 @@ Wire-compatible with C libqb 2.x: a txqb client talks to libqb daemons
 
 from txqb._version import __version__
 from txqb._wire.headers import Message
-from txqb.client import Client, EventStream, connect
+from txqb.client import Client, ClientStats, EventStream, connect
 from txqb.errors import (
     ConnectionLostError,
     MessageTooLargeError,
@@ -37,6 +37,7 @@ __all__ = [
     "Message",
     "connect",
     "Client",
+    "ClientStats",
     "EventStream",
     "listen",
     "Service",

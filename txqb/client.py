@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, List, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -49,7 +50,7 @@ from txqb.errors import (
 )
 from txqb.server import filesystemSocketsForced
 
-__all__ = ["connect", "Client", "EventStream", "DEFAULT_MAX_MESSAGE_SIZE"]
+__all__ = ["connect", "Client", "ClientStats", "EventStream", "DEFAULT_MAX_MESSAGE_SIZE"]
 
 log = Logger(namespace="txqb.client")
 
@@ -83,6 +84,30 @@ _PEER_GONE = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE, errno
 _BACKLOG_RETRY = 0.005
 _FC_POLL_FIRST = 0.001
 _FC_POLL_MAX = 0.02
+
+
+@dataclass
+class ClientStats:
+    """
+    A client's own counters (libqb's client keeps none; see L{Client.stats}).
+
+    @ivar requests: requests and sends put on the wire.
+    @ivar responses: responses received (late ones for cancelled
+        requests included).
+    @ivar events: events received.
+    @ivar flowControlWaits: times a send had to wait for the server's flow
+        control to lift (where libqb's C client returns ``-EAGAIN``).
+    @ivar outstanding: requests on the wire awaiting their response now.
+    @ivar queued: requests and sends held back in the client now, by flow
+        control or by the send window.
+    """
+
+    requests: int = 0
+    responses: int = 0
+    events: int = 0
+    flowControlWaits: int = 0
+    outstanding: int = 0
+    queued: int = 0
 
 
 class _Outgoing:
@@ -286,6 +311,26 @@ class Client:
             never answers.
         """
         return self._submit(msgId, payload, expectsReply=False)
+
+    def stats(self, clearAfterRead: bool = False) -> ClientStats:
+        """
+        A snapshot of the client's counters.
+
+        @param clearAfterRead: zero the counters after reading them (the
+            outstanding and queued figures are states and are not reset).
+        """
+        snapshot = ClientStats(
+            self.requestsSent,
+            self.responsesReceived,
+            self.eventsReceived,
+            self.flowControlWaits,
+            len(self._replies),
+            len(self._blocked),
+        )
+        if clearAfterRead:
+            self.requestsSent = self.responsesReceived = 0
+            self.eventsReceived = self.flowControlWaits = 0
+        return snapshot
 
     def events(self, highWater: int = 10000) -> EventStream:
         """

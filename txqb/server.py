@@ -598,7 +598,12 @@ class ServerConnection:
         d.addErrback(self._replyFailed, msgId)
 
     def _replyFailed(self, reason: Failure, msgId: int) -> None:
-        if not reason.check(ConnectionLostError):
+        if reason.check(MessageTooLargeError):
+            # The client still waits for an answer to this request, and
+            # every later response pairs by order: answer -EMSGSIZE.
+            log.error("{conn!r}: answer to id {id}: {e}", conn=self, id=msgId, e=reason.value)
+            self.respond(msgId, b"", -errno.EMSGSIZE).addErrback(self._replyFailed, msgId)
+        elif not reason.check(ConnectionLostError):
             log.failure("{conn!r}: reply to id {id} failed", reason, conn=self, id=msgId)
 
     # Flow control
