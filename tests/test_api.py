@@ -13,9 +13,10 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 import pytest_twisted
+from twisted.internet import task
 
 import txqb
-from cprocs import CServer, runClient
+from cprocs import CClient, CServer, runClient
 from handlers import PeerHandlers, unpackConnectionStats
 from peers.build import Peers
 from txqb.server import ConnectionStats, ServerConnection
@@ -238,4 +239,36 @@ async def test_oversizeAnswers(
         assert code == 0, lines
         assert lines[1:] == [f"INVALID 9 {-errno.EMSGSIZE}", "INVALID 10 0", "ECHO 100 ok", "DONE"]
     finally:
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_newClientServedDuringFlood(
+    reactor: Any, serviceName: str, transport: str, cpeers: Peers
+) -> None:
+    """
+    While two C libqb clients flood the service with back-to-back
+    requests, a new client connects and is served: it finishes while the
+    floods are still running (they would take minutes to end).
+    """
+    service = txqb.listen(reactor, serviceName, PeerHandlers(), transport=transport)
+    floods = [
+        CClient(reactor, cpeers, serviceName, ["echos", "1000000", "64"]).start()
+        for _ in range(2)
+    ]
+    try:
+        for flood in floods:
+            await flood.waitFor("CONNECTED")
+        while sum(c.stats().requests for c in service.connections) < 1000:
+            await task.deferLater(reactor, 0.01, lambda: None)
+        client = await txqb.connect(reactor, serviceName)
+        for n in range(20):
+            assert (await client.request(0, b"%d" % n)).payload == b"%d" % n
+        await client.disconnect()
+        assert [flood.proto.exitCode for flood in floods] == [None, None]
+    finally:
+        for flood in floods:
+            flood.kill()
+        for flood in floods:
+            await flood.proto.ended
         await service.stopListening()
