@@ -33,6 +33,7 @@ from txqb._wire.handshake import (
 )
 from txqb._wire.headers import (
     MalformedMessage,
+    Buffer,
     Message,
     decodeResponse,
     encodeRequest,
@@ -217,6 +218,7 @@ class Client:
         self.maxMessageSize = response.maxMessageSize
         self.transportType = response.transport
         self.fcEnableMax = fcEnableMax
+        self.zeroCopy = False
         self._receiveSize = self.maxMessageSize + RESPONSE_SLACK
         self._eventCallback = eventReceived
         self._stream: Optional[EventStream] = None
@@ -461,7 +463,7 @@ class Client:
 
     # Receiving
 
-    def _responseReceived(self, data: bytes) -> None:
+    def _responseReceived(self, data: Buffer) -> None:
         self._channels.drainEvents()
         try:
             waiter = self._replies.pop()
@@ -477,15 +479,18 @@ class Client:
         if waiter is None:
             return
         try:
-            message = decodeResponse(data, self._receiveSize)
+            message = decodeResponse(data, self._receiveSize, copy=not self.zeroCopy)
         except MalformedMessage as e:
             waiter.errback(ProtocolError(f"malformed response: {e.reason}", e.errno))
             return
         waiter.callback(message)
+        if self.zeroCopy:
+            view: Any = message.payload
+            view.release()
 
-    def _eventReceived(self, data: bytes) -> None:
+    def _eventReceived(self, data: Buffer) -> None:
         try:
-            event = decodeResponse(data, self._receiveSize)
+            event = decodeResponse(data, self._receiveSize, copy=not self.zeroCopy)
         except MalformedMessage as e:
             log.error("{c!r}: dropping a malformed event: {why}", c=self, why=e.reason)
             return
@@ -495,7 +500,13 @@ class Client:
                 self._eventCallback(event)
             except Exception:
                 log.failure("{c!r}: event callback failed", c=self)
-        if self._stream is not None:
+        if self.zeroCopy:
+            if self._stream is not None:
+                # The stream keeps events until they are consumed.
+                self._stream._deliver(Message(event.id, event.error, bytes(event.payload)))
+            view: Any = event.payload
+            view.release()
+        elif self._stream is not None:
             self._stream._deliver(event)
 
     def _pauseEvents(self) -> None:
@@ -691,6 +702,7 @@ def connect(
     socketDirectory: str = DEFAULT_SOCKET_DIR,
     maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
     maxInFlightBytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
+    zeroCopy: bool = False,
 ) -> Deferred[Client]:
     """
     Connect to the libqb service C{name} (``qb_ipcc_connect``), without
@@ -717,6 +729,13 @@ def connect(
         the client (see L{DEFAULT_MAX_IN_FLIGHT} for why).  Raise it
         against txqb servers, which never drop a response.
     @param maxInFlightBytes: request bytes kept on the wire at once.
+    @param zeroCopy: give responses and C{eventReceived} callbacks their
+        payload as a C{memoryview} straight into the shared-memory ring
+        (SHM) or the receive buffer (socket), released once the callbacks
+        return.  Code resumed by C{await client.request(...)} runs within
+        that time, up to its next C{await}: copy (C{bytes(payload)}) what
+        it keeps.  Events read from L{Client.events} are always copies.
+        Also settable later as C{Client.zeroCopy}.
     @return: a cancellable L{Deferred} firing with a L{Client}; it fails
         with L{ServiceNotFoundError}, L{RefusedError} (carrying the
         server's errno), L{QBTimeoutError} or L{ConnectionLostError}.
@@ -745,4 +764,11 @@ def connect(
         maxInFlightBytes,
     )
     connector.start()
+    if zeroCopy:
+        connector.deferred.addCallback(_zeroCopy)
     return connector.deferred
+
+
+def _zeroCopy(client: Client) -> Client:
+    client.zeroCopy = True
+    return client

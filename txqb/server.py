@@ -40,6 +40,7 @@ from txqb._wire.headers import (
     MSG_AUTHENTICATE,
     MSG_DISCONNECT,
     MSG_NEW_EVENT_SOCK,
+    Buffer,
     MalformedMessage,
     Message,
     decodeRequest,
@@ -204,6 +205,14 @@ class ServiceStats:
 
     activeConnections: int = 0
     closedConnections: int = 0
+
+
+def _owned(result: Any) -> Any:
+    if isinstance(result, memoryview):
+        return bytes(result)
+    if isinstance(result, Message) and isinstance(result.payload, memoryview):
+        return Message(result.id, result.error, bytes(result.payload))
+    return result
 
 
 class _ReplySlot:
@@ -522,11 +531,12 @@ class ServerConnection:
 
     # Requests
 
-    def _requestReceived(self, data: bytes) -> None:
+    def _requestReceived(self, data: Buffer) -> None:
         if self._state is not _State.ESTABLISHED:
             return
+        zeroCopy = self.service.zeroCopy
         try:
-            msg = decodeRequest(data, self.maxMessageSize)
+            msg = decodeRequest(data, self.maxMessageSize, copy=not zeroCopy)
         except MalformedMessage as e:
             self._protocolError(e.reason)
             return
@@ -539,7 +549,14 @@ class ServerConnection:
             self._protocolError(f"request uses reserved id {msgId}")
             return
         self._stats.requests += 1
-        self._dispatch(msgId, msg.payload)
+        if zeroCopy:
+            payload: Any = msg.payload  # a memoryview (see listen)
+            try:
+                self._dispatch(msgId, payload)
+            finally:
+                payload.release()
+        else:
+            self._dispatch(msgId, msg.payload)
 
     def _protocolError(self, why: str) -> None:
         log.error("{conn!r}: {why}; dropping the connection", conn=self, why=why)
@@ -557,8 +574,10 @@ class ServerConnection:
             self._replySlots.append(slot)
             result.addBoth(self._replyReady, slot)
         elif self._replySlots:
+            # It waits behind earlier answers: it must outlive a zero-copy
+            # request's view.
             slot = _ReplySlot(msgId)
-            slot.ready, slot.result = True, result
+            slot.ready, slot.result = True, _owned(result)
             self._replySlots.append(slot)
         else:
             self._reply(msgId, result)
@@ -750,6 +769,7 @@ class Service:
         socketDirectory: str,
         shmDirectory: str,
         handshakeTimeout: float,
+        zeroCopy: bool = False,
     ) -> None:
         if transport not in (TRANSPORT_SOCKET, TRANSPORT_SHM):
             raise ValueError(f"unknown transport type {transport}")
@@ -768,6 +788,7 @@ class Service:
         self.filesystemSockets = filesystemSockets
         self.shmDirectory = shmDirectory
         self.handshakeTimeout = handshakeTimeout
+        self.zeroCopy = zeroCopy
         self.rateLimit = RATE_NORMAL
         self.context: Any = None
         self.address = serviceAddress(name, filesystemSockets, socketDirectory)
@@ -896,6 +917,7 @@ def listen(
     socketDirectory: str = DEFAULT_SOCKET_DIR,
     shmDirectory: str = SHM_DIR,
     handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    zeroCopy: bool = False,
 ) -> Service:
     """
     Create and start a libqb service (``qb_ipcs_create`` + ``qb_ipcs_run``).
@@ -919,6 +941,13 @@ def listen(
         made (C{/dev/shm}).
     @param handshakeTimeout: seconds a new client may stay silent before
         it is dropped.
+    @param zeroCopy: hand C{messageReceived} its payload as a
+        C{memoryview} straight into the request's shared-memory ring (SHM)
+        or the receive buffer (socket), instead of a copy.  The view is
+        released when the handler returns: copy (C{bytes(payload)}) what
+        must outlive the call, including anything an C{async def} handler
+        reads after its first C{await}.  Returning the view itself, or a
+        L{Message} holding it, is fine.
     @return: the running L{Service}.
     @raise OSError: the name could not be bound (``EADDRINUSE``: another
         server has it).
@@ -937,6 +966,7 @@ def listen(
         socketDirectory,
         shmDirectory,
         handshakeTimeout,
+        zeroCopy,
     )
     service.startListening()
     return service

@@ -28,6 +28,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txqb._wire.headers import Buffer
+
 __all__ = ["DatagramChannel"]
 
 _RETRY_CONNECT = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN})
@@ -40,7 +42,9 @@ class DatagramChannel:
 
     @param receiveSize: the largest datagram accepted; a longer one arrives
         truncated to C{receiveSize + 1} bytes so that the caller can tell.
-    @param onDatagram: called with each datagram received.
+    @param onDatagram: called with each datagram received, as a
+        C{memoryview} of the channel's receive buffer that is valid only
+        during the call (copy what is kept).
     @param onError: called once with the exception that ended the channel.
     @param peer: when given, the address to connect to lazily before the
         first send, retrying every C{connectInterval} seconds up to
@@ -54,7 +58,7 @@ class DatagramChannel:
         reactor: IReactorFDSet,
         sock: socket.socket,
         receiveSize: int,
-        onDatagram: Callable[[bytes], None],
+        onDatagram: Callable[[Buffer], None],
         onError: Callable[[BaseException], None],
         peer: Optional[bytes] = None,
         connectTries: int = 20,
@@ -81,6 +85,7 @@ class DatagramChannel:
         self._reset: Optional[OSError] = None
         self.closed = False
         self.emptyReads = 0
+        self._delivering = 0
 
     # IReadDescriptor / IWriteDescriptor
 
@@ -117,7 +122,14 @@ class DatagramChannel:
         return self._reading
 
     def _read(self, limit: int) -> None:
-        sock, view, buffer = self._sock, self._view, self._buffer
+        if self._delivering:
+            # Re-entered from a delivery whose view points into our buffer:
+            # read into a buffer of this call's own.
+            buffer = bytearray(len(self._buffer))
+            view = memoryview(buffer)
+        else:
+            buffer, view = self._buffer, self._view
+        sock = self._sock
         first = True
         while limit != 0:
             limit -= 1
@@ -141,7 +153,15 @@ class DatagramChannel:
                 self._fail(e)
                 return None
             first = False
-            self._onDatagram(bytes(view[:n]))
+            # The receiver gets a view of our buffer, valid during the
+            # call: it copies what it keeps (see onDatagram).
+            chunk = view[:n]
+            self._delivering += 1
+            try:
+                self._onDatagram(chunk)
+            finally:
+                self._delivering -= 1
+                chunk.release()
             if self.closed or not self._reading:
                 return None
         return None

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from txqb._posix.files import SHM_DIR, PrivateDirectory, mapFile, openSharedFile
 from txqb._posix.semaphore import SharedSemaphore
 from txqb._wire.handshake import TRANSPORT_SHM
+from txqb._wire.headers import Buffer
 from txqb._wire.naming import shmNames
 from txqb._wire.ring import (
     DATA_PATH,
@@ -158,6 +159,20 @@ class SharedRing:
         self._views = []
 
 
+def _deliver(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None]) -> None:
+    """
+    Hand a peeked chunk to C{receiver}, then let the ring have its room
+    back.  The chunk is a view into the shared ring (valid during the
+    call only) unless it wrapped around the ring's end.
+    """
+    try:
+        receiver(chunk)
+    finally:
+        if isinstance(chunk, memoryview):
+            chunk.release()
+    ring.reclaim()
+
+
 class _RingWriter:
     """
     Writes chunks into a ring; when it is full, keeps them in order and
@@ -232,7 +247,7 @@ class ServerShmChannels:
         uid: int,
         gid: int,
         mode: int,
-        onRequest: Callable[[bytes], None],
+        onRequest: Callable[[Buffer], None],
         onError: Callable[[BaseException], None],
     ) -> None:
         names = shmNames(directory.path, service)
@@ -259,6 +274,8 @@ class ServerShmChannels:
         """Requests read per wake-up at most."""
         self.emptyReads = 0
         """Wake-ups that found no request (libqb's ``recv_retries``)."""
+        self._delivering = False
+        self._closing: Optional[BaseException] = None
         self._responses = _RingWriter(reactor, response.ring, _nothing)
         self._events = _RingWriter(reactor, event.ring, self._ringDoorbell)
         self._eventRing = event
@@ -288,6 +305,8 @@ class ServerShmChannels:
 
     def _drain(self) -> None:
         self._drainCall = None
+        if self._delivering:
+            return  # re-entered from a handler: the outer loop goes on
         ring = self._request.ring
         budget = self.batch
         while self._reading and self._rings:
@@ -297,7 +316,7 @@ class ServerShmChannels:
                 self._drainCall = self._reactor.callLater(0, self._drain)
                 return
             try:
-                chunk = ring.read()
+                chunk = ring.peek()
             except RingError as e:
                 if e.errno == errno.EAGAIN:
                     if budget == self.batch and self.doorbells > self.chunks:
@@ -309,7 +328,14 @@ class ServerShmChannels:
                 return
             budget -= 1
             self.chunks += 1
-            self._onRequest(chunk)
+            self._delivering = True
+            try:
+                _deliver(ring, chunk, self._onRequest)
+            finally:
+                self._delivering = False
+            if self._closing is not None:
+                self._unmap()
+                return
 
     def sendResponse(self, data: bytes) -> Optional[Deferred[None]]:
         """Commit a response; the client is waiting on the semaphore."""
@@ -329,7 +355,10 @@ class ServerShmChannels:
             storeWord(self._request.header, USER_DATA, value)
 
     def close(self, reason: Optional[BaseException] = None) -> None:
-        """Stop, fail queued sends, unmap the rings."""
+        """
+        Stop, fail queued sends, unmap the rings (once the request being
+        delivered, if any, is done with its view of them).
+        """
         self._reading = False
         if self._drainCall is not None:
             self._drainCall.cancel()
@@ -337,6 +366,11 @@ class ServerShmChannels:
         error = reason or OSError(errno.ENOTCONN, "connection closed")
         self._responses.close(error)
         self._events.close(error)
+        self._closing = error
+        if not self._delivering:
+            self._unmap()
+
+    def _unmap(self) -> None:
         rings, self._rings = self._rings, []
         for ring in rings:
             ring.close()
@@ -406,8 +440,8 @@ class ClientShmChannels:
         setup: ITransport,
         names: Tuple[str, str, str],
         maxMessageSize: int,
-        onResponse: Callable[[bytes], None],
-        onEvent: Callable[[bytes], None],
+        onResponse: Callable[[Buffer], None],
+        onEvent: Callable[[Buffer], None],
         onError: Callable[[BaseException], None],
     ) -> None:
         self._rings: List[SharedRing] = []
@@ -426,6 +460,7 @@ class ClientShmChannels:
         self._onEvent = onEvent
         self._onError = onError
         self._eventsPaused = False
+        self._eventDelivering = False
         self._drainCall: Optional[IDelayedCall] = None
         self.closed = False
         self._requests = _RingWriter(reactor, self._request.ring, self._ringDoorbell)
@@ -463,12 +498,13 @@ class ClientShmChannels:
             return
         # Events committed before this response are delivered before it.
         self.drainEvents()
+        ring = self._response.ring
         try:
-            chunk = self._response.ring.read(counted=True)
+            chunk = ring.peek(counted=True)
         except RingError as e:
             self._onError(OSError(e.errno, f"response ring: {e}"))
             return
-        self._onResponse(chunk)
+        _deliver(ring, chunk, self._onResponse)
 
     def setupBytesReceived(self, data: bytes) -> None:
         """Event doorbells: read the committed events."""
@@ -476,15 +512,21 @@ class ClientShmChannels:
 
     def drainEvents(self) -> None:
         """Deliver every committed event, unless the consumer paused them."""
+        if self._eventDelivering:
+            return  # re-entered from an event callback: the outer loop goes on
         ring = self._event.ring
         while not self._eventsPaused and not self.closed:
             try:
-                chunk = ring.read()
+                chunk = ring.peek()
             except RingError as e:
                 if e.errno != errno.EAGAIN:
                     self._onError(OSError(e.errno, f"event ring: {e}"))
                 return
-            self._onEvent(chunk)
+            self._eventDelivering = True
+            try:
+                _deliver(ring, chunk, self._onEvent)
+            finally:
+                self._eventDelivering = False
 
     def drain(self) -> None:
         """
@@ -497,10 +539,10 @@ class ClientShmChannels:
         ring = self._response.ring
         while not self.closed and ring.committedAhead():
             try:
-                chunk = ring.read(counted=True)
+                chunk = ring.peek(counted=True)
             except RingError:
                 return
-            self._onResponse(chunk)
+            _deliver(ring, chunk, self._onResponse)
 
     def pauseEvents(self) -> None:
         """Leave events in the ring; the server's sends wait."""

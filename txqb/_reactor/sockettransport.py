@@ -23,6 +23,7 @@ from txqb._posix.files import SHM_DIR, PrivateDirectory, mapFile, openSharedFile
 from txqb._posix.sockets import datagramSocket
 from txqb._reactor.datagram import DatagramChannel
 from txqb._wire.handshake import TRANSPORT_SOCKET
+from txqb._wire.headers import Buffer
 from txqb._wire.naming import clientSocketNames, socketNames
 from txqb._wire.ring import loadInt, storeWord
 
@@ -36,7 +37,7 @@ _REQUEST_FLOW_CONTROL = 4
 _EVENT_SENT = 16
 
 
-def _ignore(_: bytes) -> None:
+def _ignore(_: Buffer) -> None:
     pass
 
 
@@ -68,7 +69,7 @@ class ServerSocketChannels:
         uid: int,
         gid: int,
         mode: int,
-        onRequest: Callable[[bytes], None],
+        onRequest: Callable[[Buffer], None],
         onError: Callable[[BaseException], None],
     ) -> None:
         names = socketNames(directory.path, service)
@@ -178,8 +179,8 @@ class ClientSocketChannels:
         base: str,
         maxMessageSize: int,
         receiveSize: int,
-        onResponse: Callable[[bytes], None],
-        onEvent: Callable[[bytes], None],
+        onResponse: Callable[[Buffer], None],
+        onEvent: Callable[[Buffer], None],
         onError: Callable[[BaseException], None],
     ) -> None:
         if not os.path.isabs(controlPath) or not base:
@@ -231,7 +232,7 @@ class ClientSocketChannels:
         if self.events.reading:
             self.events.drain()
 
-    def _eventReceived(self, data: bytes) -> None:
+    def _eventReceived(self, data: Buffer) -> None:
         if self._control is not None:
             _add(self._control, _EVENT_SENT, -1)
         self._onEvent(data)

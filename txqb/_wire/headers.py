@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 __all__ = [
     "REQUEST_HEADER",
@@ -117,9 +117,12 @@ def encodeResponse(msgId: int, error: int, payload: Buffer = b"") -> bytes:
     )
 
 
-def decodeRequest(data: Buffer, maxSize: int) -> Message:
+def decodeRequest(data: Buffer, maxSize: int, copy: bool = True) -> Message:
     """
     Parse one request exactly as it arrived (one datagram or ring chunk).
+
+    With C{copy=False} the payload is a C{memoryview} into C{data}, valid
+    only as long as C{data} is.
 
     Stricter than libqb 2.0.6, which trusts ``hdr.size``: the declared size
     must equal the real length, lie within ``maxSize`` and cover the header,
@@ -136,12 +139,19 @@ def decodeRequest(data: Buffer, maxSize: int) -> Message:
         )
     msgId, size = REQUEST_HEADER.unpack_from(data)
     _checkSize(size, length, maxSize, "request")
-    return Message(msgId, 0, bytes(data[REQUEST_HEADER_SIZE:]))
+    return Message(msgId, 0, _payload(data, REQUEST_HEADER_SIZE, copy))
 
 
-def decodeResponse(data: Buffer, maxSize: int) -> Message:
+def _payload(data: Buffer, offset: int, copy: bool) -> Any:
+    if copy:
+        return bytes(memoryview(data)[offset:])
+    return memoryview(data)[offset:]
+
+
+def decodeResponse(data: Buffer, maxSize: int, copy: bool = True) -> Message:
     """
-    Parse one response or event exactly as it arrived.
+    Parse one response or event exactly as it arrived.  C{copy} as for
+    L{decodeRequest}.
 
     A C server may send a response a little larger than the negotiated size
     (``qb_ipcs_response_send`` does not check it), so callers pass the size
@@ -158,7 +168,7 @@ def decodeResponse(data: Buffer, maxSize: int) -> Message:
         )
     msgId, size, error = RESPONSE_HEADER.unpack_from(data)
     _checkSize(size, length, maxSize, "response")
-    return Message(msgId, error, bytes(data[RESPONSE_HEADER_SIZE:]))
+    return Message(msgId, error, _payload(data, RESPONSE_HEADER_SIZE, copy))
 
 
 def _checkSize(size: int, length: int, maxSize: int, what: str) -> None:

@@ -1,0 +1,143 @@
+"""
+Zero-copy delivery: handlers and client callbacks read payloads straight
+from the shared-memory ring (SHM) or the receive buffer (socket), through
+views that are revoked once the call returns.  Driven by C libqb peers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from typing import Any, List
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+
+import txqb
+from cprocs import CServer, runClient
+from handlers import PeerHandlers
+from peers.build import Peers
+from txqb.echo import eventPayload
+from txqb.server import ServerConnection
+
+
+@pytest.fixture(params=["socket", "shm"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each test runs over both transports."""
+    return str(request.param)
+
+
+def _intoRing(view: memoryview, transport: str) -> bool:
+    # A view of the ring is a view of the mapped file itself; a wrapped
+    # chunk (it crosses the ring's end) is the one case that is copied.
+    return transport == "socket" or isinstance(view.obj, mmap.mmap)
+
+
+class _ViewingHandlers(PeerHandlers):
+    """Echo, keeping every view it was given."""
+
+    def __init__(self, transport: str) -> None:
+        super().__init__()
+        self.transport = transport
+        self.views: List[memoryview] = []
+        self.inRing = 0
+        self.afterAwait: List[str] = []
+
+    def messageReceived(self, connection: ServerConnection, msgId: int, payload: Any) -> Any:
+        assert isinstance(payload, memoryview)
+        self.views.append(payload)
+        self.inRing += _intoRing(payload, self.transport)
+        if msgId == 0:
+            return txqb.Message(0, 0, payload)  # the view itself, sent at once
+        if msgId == 8:
+            return self._late(payload)
+        return super().messageReceived(connection, msgId, bytes(payload))
+
+    async def _late(self, payload: memoryview) -> bytes:
+        kept = bytes(payload)  # read before the first await: valid
+        from twisted.internet import reactor
+
+        await task.deferLater(reactor, 0, lambda: None)  # type: ignore[arg-type]
+        try:
+            bytes(payload)
+        except ValueError as e:
+            self.afterAwait.append(str(e))
+        return kept
+
+
+@pytest_twisted.ensureDeferred
+async def test_serverZeroCopy(reactor: Any, serviceName: str, transport: str, cpeers: Peers) -> None:
+    """
+    A C libqb client's requests of every size reach the handler as views
+    into the ring, answered straight from them; each view is revoked when
+    its handler returns, and an ``async def`` handler reads its own up to
+    its first ``await``.
+    """
+    handlers = _ViewingHandlers(transport)
+    service = txqb.listen(reactor, serviceName, handlers, transport=transport, zeroCopy=True)
+    try:
+        code, lines = await runClient(
+            reactor, cpeers, serviceName, "sweep", "997", "echos", "300", "5000",
+            options=["--max", "70000"],
+        )
+        assert code == 0, lines
+        assert lines[1:] == ["SWEEP 72 ok", "ECHOS 300 ok", "DONE"]
+        assert len(handlers.views) == 372
+        # The ring wraps now and then: most requests are still read in place.
+        assert handlers.inRing > 300
+        for view in handlers.views:
+            with pytest.raises(ValueError, match="released"):
+                view.tobytes()
+
+        client = await txqb.connect(reactor, serviceName)
+        replies = [client.request(8, b"late %d" % n) for n in range(3)]
+        replies.append(client.request(0, b"behind them"))
+        assert [(await d).payload for d in replies] == [b"late 0", b"late 1", b"late 2", b"behind them"]
+        await client.disconnect()
+        assert len(handlers.afterAwait) == 3
+    finally:
+        await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_clientZeroCopy(reactor: Any, serviceName: str, transport: str, cpeers: Peers) -> None:
+    """
+    Against a C libqb server, events and responses arrive as views valid
+    during their callback (and the code an ``await`` resumes), revoked
+    after; the event stream still gets copies.
+    """
+    seen: List[memoryview] = []
+    errors: List[str] = []
+    count, size = 2000, 3000
+
+    def eventReceived(event: txqb.Message) -> None:
+        view: Any = event.payload
+        assert isinstance(view, memoryview)
+        if view.tobytes() != eventPayload(len(seen), size):
+            errors.append(f"event {len(seen)} differs")
+        seen.append(view)
+
+    server = await CServer(reactor, cpeers, serviceName, "--transport", transport).start()
+    try:
+        client = await txqb.connect(
+            reactor, serviceName, eventReceived=eventReceived, zeroCopy=True
+        )
+        stream = client.events()
+        reply = await client.request(1, struct.pack("<II", count, size))
+        assert (reply.error, bytes(reply.payload)) == (0, struct.pack("<I", count))
+        payload: Any = reply.payload
+        assert isinstance(payload, memoryview) and _intoRing(payload, transport)
+        await task.deferLater(reactor, 0, lambda: None)
+        with pytest.raises(ValueError, match="released"):
+            payload.tobytes()
+        assert errors == [] and len(seen) == count
+        for view in seen:
+            with pytest.raises(ValueError, match="released"):
+                view.tobytes()
+        for n in range(count):
+            event = await stream.__anext__()
+            assert event.payload == eventPayload(n, size)
+        await client.disconnect()
+    finally:
+        await server.stop()
