@@ -272,3 +272,35 @@ async def test_newClientServedDuringFlood(
         for flood in floods:
             await flood.proto.ended
         await service.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_destroyWithQueuedEvents(
+    reactor: Any, serviceName: str, transport: str, cpeers: Peers
+) -> None:
+    """
+    Stopping a service while a C libqb client that reads nothing has a
+    full event channel and more events queued behind it: the queued sends
+    fail with ConnectionLostError, the stop completes, nothing is left.
+    """
+    handlers = PeerHandlers()
+    service = txqb.listen(reactor, serviceName, handlers, transport=transport)
+    sleeper = CClient(reactor, cpeers, serviceName, ["hang"]).start()
+    try:
+        await sleeper.waitFor("HANGING")
+        (conn,) = service.connections
+        sends = [conn.sendEvent(1, bytes(1000)) for _ in range(5000)]
+        waiting = [d for d in sends if not d.called]
+        assert waiting, "the channel never filled"
+        assert conn.stats().sendRetries == len(waiting)
+        failures: List[Any] = []
+        for d in waiting:
+            d.addErrback(failures.append)
+        await service.stopListening()
+        assert len(failures) == len(waiting)
+        assert all(f.check(txqb.ConnectionLostError) for f in failures)
+        assert service.connections == [] and not conn.connected
+        assert handlers.names() == ["accept", "created", "closed", "destroyed"]
+    finally:
+        sleeper.kill()
+        await sleeper.proto.ended
