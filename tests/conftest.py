@@ -191,6 +191,12 @@ def cpeers(tmp_path_factory: pytest.TempPathFactory) -> Peers:
         pytest.skip(f"C libqb peers unavailable: {e}")
 
 
+@pytest.fixture(params=["socket", "shm"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """A test that takes it runs over both transports."""
+    return str(request.param)
+
+
 _counter = [0]
 
 

@@ -24,12 +24,6 @@ from txqb.server import ConnectionStats, ServerConnection
 _U32 = struct.Struct("<I")
 
 
-@pytest.fixture(params=["socket", "shm"])
-def transport(request: pytest.FixtureRequest) -> str:
-    """Each test runs over both transports."""
-    return str(request.param)
-
-
 async def _statsTraffic(reactor: Any, name: str) -> Dict[str, Any]:
     """
     One fixed conversation with a server that speaks tests/handlers.py's

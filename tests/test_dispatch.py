@@ -26,12 +26,6 @@ from txqb.dispatch import (
 from txqb.server import ServerConnection
 
 
-@pytest.fixture(params=["socket", "shm"])
-def transport(request: pytest.FixtureRequest) -> str:
-    """Each test runs over both transports."""
-    return str(request.param)
-
-
 def test_commandIds() -> None:
     """
     Every (service, command) pair maps to a distinct 32-bit id and back,

@@ -21,12 +21,6 @@ from txqb.reconnect import ReconnectingClientService
 _U32 = struct.Struct("<I")
 
 
-@pytest.fixture(params=["socket", "shm"])
-def transport(request: pytest.FixtureRequest) -> str:
-    """Each test runs over both transports."""
-    return str(request.param)
-
-
 async def _restarts(
     reactor: Any,
     name: str,

@@ -19,12 +19,6 @@ from handlers import PeerHandlers
 from txqb.echo import eventPayload
 
 
-@pytest.fixture(params=["socket", "shm"])
-def transport(request: pytest.FixtureRequest) -> str:
-    """Each test runs over both transports."""
-    return str(request.param)
-
-
 @pytest_twisted.ensureDeferred
 async def test_eventBackPressure(reactor: Any, serviceName: str, transport: str) -> None:
     """A slow ``async for`` consumer makes the server wait, loses nothing."""

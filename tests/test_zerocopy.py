@@ -22,12 +22,6 @@ from txqb.echo import eventPayload
 from txqb.server import ServerConnection
 
 
-@pytest.fixture(params=["socket", "shm"])
-def transport(request: pytest.FixtureRequest) -> str:
-    """Each test runs over both transports."""
-    return str(request.param)
-
-
 def _intoRing(view: memoryview, transport: str) -> bool:
     # A view of the ring is a view of the mapped file itself; a wrapped
     # chunk (it crosses the ring's end) is the one case that is copied.
