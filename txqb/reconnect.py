@@ -150,14 +150,16 @@ class ReconnectingClientService(ClientService):
         **connectOptions: Any,
     ) -> None:
         endpoint = QBClientEndpoint(reactor, name, eventReceived=eventReceived, **connectOptions)
-        prepare = None
+        prepare: Optional[Callable[[IProtocol], Deferred[object]]] = None
         if prepareConnection is not None:
             userPrepare = prepareConnection
 
-            def prepare(protocol: IProtocol) -> Deferred[object]:
+            def prepareClient(protocol: IProtocol) -> Deferred[object]:
                 client: Client = protocol.client  # type: ignore[attr-defined]
                 result: Deferred[object] = maybeDeferred(userPrepare, client)
                 return result
+
+            prepare = prepareClient
 
         clock: IReactorTime = reactor  # type: ignore[assignment]
         super().__init__(
