@@ -95,24 +95,38 @@ async def test_statsMatchLibqb(
 
 
 class _TurnCounter(PeerHandlers):
-    """Counts the requests handled in each turn of the reactor."""
+    """Counts the requests handled in each wake-up of a connection's reader."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.reactor = reactor
         self.turns: List[int] = []
         self.current = 0
 
     def messageReceived(self, connection: ServerConnection, msgId: int, payload: bytes) -> Any:
-        if self.current == 0:
-            # Runs on the next turn, after everything read in this one.
-            self.reactor.callLater(0, self._turnEnded)
         self.current += 1
         return super().messageReceived(connection, msgId, payload)
 
-    def _turnEnded(self) -> None:
-        self.turns.append(self.current)
-        self.current = 0
+    def watch(self, connection: ServerConnection) -> None:
+        """
+        Wrap the method the reactor (or the connection's own scheduling)
+        calls on each wake-up: the datagram reader's doRead, or the SHM
+        request drain.  Counting there, rather than with a timer, holds on
+        every reactor whatever order it runs timers and I/O in.
+        """
+        channels: Any = connection._channels
+        target, name = (channels.requests, "doRead") if hasattr(channels, "requests") else (
+            channels,
+            "_drain",
+        )
+        original = getattr(target, name)
+
+        def wakeUp() -> None:
+            self.current = 0
+            original()
+            if self.current:
+                self.turns.append(self.current)
+
+        setattr(target, name, wakeUp)
 
 
 @pytest.mark.parametrize(
@@ -129,12 +143,13 @@ async def test_requestsReadPerWakeup(
     wake-up at RATE_FAST, 5 at RATE_NORMAL, one at RATE_SLOW; between
     batches the reactor serves everything else.
     """
-    handlers = _TurnCounter(reactor)
+    handlers = _TurnCounter()
     service = txqb.listen(reactor, serviceName, handlers, transport=transport)
     try:
         service.requestRateLimit(txqb.RATE_OFF_2)
         # fcEnableMax 1 sends through OFF_2: the requests queue up unread.
         client = await txqb.connect(reactor, serviceName, maxInFlight=200)
+        handlers.watch(service.connections[0])
         total = 120
         replies = [client.request(0, _U32.pack(n)) for n in range(total)]
         assert client.outstanding == total
@@ -143,8 +158,6 @@ async def test_requestsReadPerWakeup(
         for n, d in enumerate(replies):
             assert (await d).payload == _U32.pack(n)
         await client.disconnect()
-        if handlers.current:
-            handlers._turnEnded()
         # The kernel may hold back part of a socket client's queue, so a
         # turn can find fewer than a batch; none reads more.
         assert sum(handlers.turns) == total
