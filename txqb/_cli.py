@@ -213,22 +213,33 @@ def _stop(signum: int, frame: Any) -> None:
 
 def _listen(args: argparse.Namespace) -> int:
     # Ctrl-C and SIGTERM end the listening cleanly, even where the shell
-    # started this process with SIGINT ignored (a background job).
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    # started this process with SIGINT ignored (a background job).  They
+    # are held back while connecting, so that the client is either not
+    # made or made and closed.
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    for signum in stopping:
+        signal.signal(signum, _stop)
     payload = _payload(args)
     sending = args.id is not None or payload or args.data is not None
     received = 0
-    with _connect(args) as client:
-        try:
-            if sending:
-                response = client.request(args.id or 0, payload, timeout=args.timeout)
-                print(describe("response", response), flush=True)
-            while args.count is None or received < args.count:
-                print(describe("event", client.receiveEvent(None)), flush=True)
-                received += 1
-        except KeyboardInterrupt:
-            pass
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    try:
+        client = _connect(args)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping)
+        if sending:
+            response = client.request(args.id or 0, payload, timeout=args.timeout)
+            print(describe("response", response), flush=True)
+        while args.count is None or received < args.count:
+            print(describe("event", client.receiveEvent(None)), flush=True)
+            received += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
     return 0
 
 
