@@ -38,6 +38,7 @@ class Twistd:
         env: Optional[Dict[str, str]] = None,
         executable: str = TWISTD,
         argv0: Optional[List[str]] = None,
+        cwd: Optional[str] = None,
     ) -> None:
         self.reactor = reactor
         self.services = services
@@ -45,6 +46,7 @@ class Twistd:
         self.executable = executable
         self.argv = [*(argv0 or [executable]), "-n", "--pidfile=", "--logfile=-", "qbipc", *args]
         self.env = dict(os.environ, **(env or {}))
+        self.cwd = cwd
         self.pid = 0
 
     @property
@@ -52,7 +54,9 @@ class Twistd:
         return self.proto.lines
 
     async def start(self) -> Twistd:
-        process = self.reactor.spawnProcess(self.proto, self.executable, self.argv, env=self.env)
+        process = self.reactor.spawnProcess(
+            self.proto, self.executable, self.argv, env=self.env, path=self.cwd
+        )
         self.process = process
         self.pid = process.pid
         while sum("listening at" in line for line in self.proto.lines) < self.services:
