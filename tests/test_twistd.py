@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import pytest_twisted
-from twisted.internet import error, task
+from twisted.internet import task
 
-from cprocs import _Collect, runClient
+from cprocs import CServer, _Collect, runClient
 from peers.build import Peers
 
 BIN = os.path.dirname(sys.executable)
@@ -73,14 +73,7 @@ class Twistd:
             assert self.proto.exitCode is None, self.proto.lines
             await task.deferLater(self.reactor, 0.05, lambda: None)
 
-    async def stop(self) -> int:
-        """SIGTERM; returns the exit status."""
-        try:
-            self.process.signalProcess("TERM")
-        except error.ProcessExitedAlready:
-            pass
-        code: int = await self.proto.ended
-        return code
+    stop = CServer.stop  # SIGTERM, wait; returns the exit status
 
     async def __aenter__(self) -> Twistd:
         return await self.start()
