@@ -113,8 +113,36 @@ def _ours(name: str) -> bool:
     return True
 
 
+def _descendsFromUs(pid: int) -> bool:
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def _foreign(name: str) -> bool:
+    # qb-<server pid>-<client pid>-<fd>-XXXXXX: a connection between live
+    # processes of which neither is this run or its child is another
+    # run's, however its service is named.  Entries of dead processes
+    # count as ours: they are leaks either way.
+    try:
+        pids = [int(p) for p in name.split("-")[1:3]]
+    except (ValueError, IndexError):
+        return False
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
+    return bool(alive) and not any(_descendsFromUs(p) for p in alive)
+
+
 def _shmEntries() -> Set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("qb-") and _ours(n)}
+    return {
+        n for n in os.listdir("/dev/shm") if n.startswith("qb-") and _ours(n) and not _foreign(n)
+    }
 
 
 def _tmpSockets() -> Set[str]:

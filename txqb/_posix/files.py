@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import secrets
 import string
 from typing import Optional
 
@@ -74,6 +73,8 @@ class PrivateDirectory:
         @raise OSError: e.g. ``ENOSPC``, or ``EEXIST`` after ``attempts``
             collisions.
         """
+        import secrets  # here: hashlib is slow to import for clients
+
         for _ in range(attempts):
             suffix = "".join(secrets.choice(_ALPHABET) for _ in range(6))
             path = os.path.join(parent, prefix + suffix)

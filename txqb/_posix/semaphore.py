@@ -13,7 +13,6 @@ mmap.  ctypes releases the GIL during each call, so a blocking
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -25,7 +24,19 @@ __all__ = ["SharedSemaphore", "SEM_SIZE"]
 SEM_SIZE = 32
 """``sizeof(sem_t)`` on x86-64 glibc."""
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _loadLibc() -> ctypes.CDLL:
+    # glibc's soname first: importing ctypes.util (for find_library) costs
+    # more than a short-lived client's whole request.
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+_libc = _loadLibc()
 for _name in ("sem_post", "sem_trywait", "sem_getvalue", "sem_init", "sem_timedwait", "sem_destroy"):
     getattr(_libc, _name).restype = ctypes.c_int
 _libc.sem_post.argtypes = [ctypes.c_void_p]

@@ -11,8 +11,6 @@ and announces each event with one byte on the setup socket after the post.
 from __future__ import annotations
 
 import errno
-import mmap
-import os
 import threading
 import time
 from collections import deque
@@ -22,27 +20,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.python.failure import Failure
 
-from txqb._posix.files import SHM_DIR, PrivateDirectory, mapFile, openSharedFile
+from txqb._posix.files import PrivateDirectory
 from txqb._posix.semaphore import SharedSemaphore
+from txqb._posix.shmring import SharedRing
+from txqb._posix.shmring import removeIfOrphaned as _removeIfOrphaned
 from txqb._wire.handshake import TRANSPORT_SHM
 from txqb._wire.headers import Buffer
 from txqb._wire.naming import shmNames
-from txqb._wire.ring import (
-    DATA_PATH,
-    HEADER_FILE_SIZE,
-    HEADER_STRUCT_SIZE,
-    REF_COUNT,
-    SEMAPHORE,
-    USER_DATA,
-    Ring,
-    RingError,
-    dataFileSize,
-    initializeHeader,
-    loadInt,
-    loadWord,
-    readPath,
-    storeWord,
-)
+from txqb._wire.ring import USER_DATA, Ring, RingError, loadInt, storeWord
 
 __all__ = ["ServerShmChannels", "ClientShmChannels", "SharedRing"]
 
@@ -56,107 +41,6 @@ GIL and a core).
 
 _RETRY_FIRST = 0.0005
 _RETRY_MAX = 0.02
-
-
-class SharedRing:
-    """A ring in two shared files, mapped; owns the maps and the semaphore."""
-
-    def __init__(self, maps: List[mmap.mmap], ring: Ring, semaphore: SharedSemaphore,
-                 views: List[memoryview]) -> None:
-        self._maps = maps
-        self._views = views
-        self.ring = ring
-        self.semaphore = semaphore
-        self.header = views[0]
-
-    @classmethod
-    def create(cls, directory: PrivateDirectory, base: str, maxMessageSize: int,
-               uid: int, gid: int, mode: int) -> SharedRing:
-        """
-        Create a ring as libqb's server does: header 8252 bytes, data
-        ``round_up(max + 13, page)``, absolute paths inside the header,
-        a process-shared semaphore, ``ref_count`` 1.
-        """
-        dataSize = dataFileSize(maxMessageSize, mmap.PAGESIZE)
-        name = os.path.basename(base)
-        maps: List[mmap.mmap] = []
-        try:
-            for suffix, size in (("-header", HEADER_FILE_SIZE), ("-data", dataSize)):
-                fd = directory.createFile(name + suffix, size, uid, gid, mode)
-                try:
-                    maps.append(mapFile(fd, size))
-                finally:
-                    os.close(fd)
-        except BaseException:
-            for m in maps:
-                m.close()
-            raise
-        views = [memoryview(m) for m in maps]
-        initializeHeader(views[0], dataSize, base + "-header", base + "-data")
-        semaphore = SharedSemaphore(maps[0], SEMAPHORE)
-        semaphore.initialize()
-        return cls(maps, Ring(views[0], views[1], semaphore), semaphore, views)
-
-    @classmethod
-    def attach(cls, base: str) -> SharedRing:
-        """
-        Open a ring a server created, as libqb's client does, except that
-        nothing is truncated: the header's own paths and sizes are checked
-        against the files instead, so a hostile or mismatched server cannot
-        make txqb map past the end of a file (``SIGBUS``).
-        """
-        if not os.path.isabs(base):
-            raise OSError(errno.EBADMSG, f"server named ring {base!r}")
-        maps: List[mmap.mmap] = []
-        views: List[memoryview] = []
-        semaphore: Optional[SharedSemaphore] = None
-        try:
-            fd = openSharedFile(base + "-header", HEADER_STRUCT_SIZE)
-            try:
-                maps.append(mapFile(fd, os.fstat(fd).st_size))
-            finally:
-                os.close(fd)
-            views.append(memoryview(maps[0]))
-            words = loadWord(views[0], 8)
-            fd = openSharedFile(readPath(views[0], DATA_PATH), words * 4)
-            try:
-                maps.append(mapFile(fd, words * 4))
-            finally:
-                os.close(fd)
-            views.append(memoryview(maps[1]))
-            semaphore = SharedSemaphore(maps[0], SEMAPHORE)
-            ring = Ring(views[0], views[1], semaphore)
-        except BaseException as e:
-            # Unwind in reverse: pointers into the maps before the maps.
-            if semaphore is not None:
-                semaphore.release()
-            for view in views:
-                view.release()
-            for m in maps:
-                m.close()
-            if isinstance(e, RingError):
-                raise OSError(e.errno, str(e)) from None
-            raise
-        storeWord(views[0], REF_COUNT, loadInt(views[0], REF_COUNT) + 1)
-        return cls(maps, ring, semaphore, views)
-
-    def detach(self) -> None:
-        """Drop this client's reference (libqb: 1, then 0), then unmap."""
-        if self._views:
-            storeWord(self.header, REF_COUNT, 0)
-        self.close()
-
-    def close(self) -> None:
-        """Unmap (the files are removed with their directory)."""
-        if self._views:
-            self.ring.release()
-        self.semaphore.release()
-        for view in self._views:
-            view.release()
-        for m in self._maps:
-            m.close()
-        self._maps = []
-        self._views = []
 
 
 def _deliver(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None]) -> None:
@@ -575,36 +459,3 @@ class ClientShmChannels:
         for ring in rings:
             ring.detach()
         _removeIfOrphaned(self._names)
-
-
-def _removeIfOrphaned(names: Tuple[str, ...]) -> None:
-    """
-    After a server died, remove the ring files it can no longer remove,
-    as libqb's client does.  Only files inside a ``qb-*`` directory of
-    /dev/shm are touched, and only when that directory's owner process
-    (the server pid in its name) is gone.
-    """
-    directory = os.path.dirname(names[0])
-    base = os.path.basename(directory)
-    if os.path.dirname(directory) != SHM_DIR or not base.startswith("qb-"):
-        return
-    try:
-        serverPid = int(base.split("-")[1])
-        os.kill(serverPid, 0)
-        return
-    except (ValueError, IndexError):
-        return
-    except PermissionError:
-        return
-    except ProcessLookupError:
-        pass
-    for name in names:
-        for suffix in ("-header", "-data"):
-            try:
-                os.unlink(name + suffix)
-            except OSError:
-                pass
-    try:
-        os.rmdir(directory)
-    except OSError:
-        pass

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet
 
-from txqb._posix.files import SHM_DIR, PrivateDirectory, mapFile, openSharedFile
+from txqb._posix.files import PrivateDirectory, mapFile, openSharedFile
+from txqb._posix.shmring import removeControlFile as _removeControlFile
 from txqb._posix.sockets import datagramSocket
 from txqb._reactor.datagram import DatagramChannel
 from txqb._wire.handshake import TRANSPORT_SOCKET
@@ -281,19 +282,3 @@ class ClientSocketChannels:
             self._control.close()
             self._control = None
             _removeControlFile(self._controlPath)
-
-
-def _removeControlFile(path: str) -> None:
-    # The path came from the server.  Remove it only where libqb puts such
-    # files (a qb-* directory directly in /dev/shm), so that a hostile
-    # server cannot make a privileged client delete anything else.
-    directory = os.path.dirname(path)
-    if os.path.dirname(directory) != SHM_DIR or not os.path.basename(
-        directory
-    ).startswith("qb-"):
-        return
-    for remove, target in ((os.unlink, path), (os.rmdir, directory)):
-        try:
-            remove(target)
-        except OSError:
-            pass

@@ -1,0 +1,188 @@
+"""
+The client- and server-side handling of libqb's shared files, with no
+event loop: mapping a ring's two files, and removing what a peer left.
+
+Both txqb's Twisted transports and its blocking client use these.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from typing import List, Optional, Tuple
+
+from txqb._posix.files import SHM_DIR, PrivateDirectory, mapFile, openSharedFile
+from txqb._posix.semaphore import SharedSemaphore
+from txqb._wire.ring import (
+    DATA_PATH,
+    HEADER_FILE_SIZE,
+    HEADER_STRUCT_SIZE,
+    REF_COUNT,
+    SEMAPHORE,
+    Ring,
+    RingError,
+    dataFileSize,
+    initializeHeader,
+    loadInt,
+    loadWord,
+    readPath,
+    storeWord,
+)
+
+__all__ = ["SharedRing", "removeIfOrphaned", "removeControlFile"]
+
+
+class SharedRing:
+    """A ring in two shared files, mapped; owns the maps and the semaphore."""
+
+    def __init__(self, maps: List[mmap.mmap], ring: Ring, semaphore: SharedSemaphore,
+                 views: List[memoryview]) -> None:
+        self._maps = maps
+        self._views = views
+        self.ring = ring
+        self.semaphore = semaphore
+        self.header = views[0]
+
+    @classmethod
+    def create(cls, directory: PrivateDirectory, base: str, maxMessageSize: int,
+               uid: int, gid: int, mode: int) -> SharedRing:
+        """
+        Create a ring as libqb's server does: header 8252 bytes, data
+        ``round_up(max + 13, page)``, absolute paths inside the header,
+        a process-shared semaphore, ``ref_count`` 1.
+        """
+        dataSize = dataFileSize(maxMessageSize, mmap.PAGESIZE)
+        name = os.path.basename(base)
+        maps: List[mmap.mmap] = []
+        try:
+            for suffix, size in (("-header", HEADER_FILE_SIZE), ("-data", dataSize)):
+                fd = directory.createFile(name + suffix, size, uid, gid, mode)
+                try:
+                    maps.append(mapFile(fd, size))
+                finally:
+                    os.close(fd)
+        except BaseException:
+            for m in maps:
+                m.close()
+            raise
+        views = [memoryview(m) for m in maps]
+        initializeHeader(views[0], dataSize, base + "-header", base + "-data")
+        semaphore = SharedSemaphore(maps[0], SEMAPHORE)
+        semaphore.initialize()
+        return cls(maps, Ring(views[0], views[1], semaphore), semaphore, views)
+
+    @classmethod
+    def attach(cls, base: str) -> SharedRing:
+        """
+        Open a ring a server created, as libqb's client does, except that
+        nothing is truncated: the header's own paths and sizes are checked
+        against the files instead, so a hostile or mismatched server cannot
+        make txqb map past the end of a file (``SIGBUS``).
+        """
+        if not os.path.isabs(base):
+            raise OSError(errno.EBADMSG, f"server named ring {base!r}")
+        maps: List[mmap.mmap] = []
+        views: List[memoryview] = []
+        semaphore: Optional[SharedSemaphore] = None
+        try:
+            fd = openSharedFile(base + "-header", HEADER_STRUCT_SIZE)
+            try:
+                maps.append(mapFile(fd, os.fstat(fd).st_size))
+            finally:
+                os.close(fd)
+            views.append(memoryview(maps[0]))
+            words = loadWord(views[0], 8)
+            fd = openSharedFile(readPath(views[0], DATA_PATH), words * 4)
+            try:
+                maps.append(mapFile(fd, words * 4))
+            finally:
+                os.close(fd)
+            views.append(memoryview(maps[1]))
+            semaphore = SharedSemaphore(maps[0], SEMAPHORE)
+            ring = Ring(views[0], views[1], semaphore)
+        except BaseException as e:
+            # Unwind in reverse: pointers into the maps before the maps.
+            if semaphore is not None:
+                semaphore.release()
+            for view in views:
+                view.release()
+            for m in maps:
+                m.close()
+            if isinstance(e, RingError):
+                raise OSError(e.errno, str(e)) from None
+            raise
+        storeWord(views[0], REF_COUNT, loadInt(views[0], REF_COUNT) + 1)
+        return cls(maps, ring, semaphore, views)
+
+    def detach(self) -> None:
+        """Drop this client's reference (libqb: 1, then 0), then unmap."""
+        if self._views:
+            storeWord(self.header, REF_COUNT, 0)
+        self.close()
+
+    def close(self) -> None:
+        """Unmap (the files are removed with their directory)."""
+        if self._views:
+            self.ring.release()
+        self.semaphore.release()
+        for view in self._views:
+            view.release()
+        for m in self._maps:
+            m.close()
+        self._maps = []
+        self._views = []
+
+
+def removeIfOrphaned(names: Tuple[str, ...]) -> None:
+    """
+    After a server died, remove the ring files it can no longer remove,
+    as libqb's client does.  Only files inside a ``qb-*`` directory of
+    /dev/shm are touched, and only when that directory's owner process
+    (the server pid in its name) is gone.
+    """
+    directory = os.path.dirname(names[0])
+    base = os.path.basename(directory)
+    if os.path.dirname(directory) != SHM_DIR or not base.startswith("qb-"):
+        return
+    try:
+        serverPid = int(base.split("-")[1])
+        os.kill(serverPid, 0)
+        return
+    except (ValueError, IndexError):
+        return
+    except PermissionError:
+        return
+    except ProcessLookupError:
+        pass
+    for name in names:
+        for suffix in ("-header", "-data"):
+            try:
+                os.unlink(name + suffix)
+            except OSError:
+                pass
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
+
+
+def removeControlFile(path: str) -> None:
+    """
+    Remove a socket-transport control file and its directory, as libqb's
+    ``qb_ipcc_disconnect`` does.
+
+    The path came from the server: it is removed only where libqb puts
+    such files (a ``qb-*`` directory directly in /dev/shm), so that a
+    hostile server cannot make a privileged client delete anything else.
+    """
+    directory = os.path.dirname(path)
+    if os.path.dirname(directory) != SHM_DIR or not os.path.basename(
+        directory
+    ).startswith("qb-"):
+        return
+    for remove, target in ((os.unlink, path), (os.rmdir, directory)):
+        try:
+            remove(target)
+        except OSError:
+            pass
