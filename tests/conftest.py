@@ -140,13 +140,18 @@ def _foreign(name: str) -> bool:
 
 
 def _shmEntries() -> Set[str]:
-    return {
-        n for n in os.listdir("/dev/shm") if n.startswith("qb-") and _ours(n) and not _foreign(n)
-    }
+    return {n for n in os.listdir("/dev/shm") if n.startswith("qb-")}
 
 
 def _tmpSockets() -> Set[str]:
-    return {n for n in os.listdir("/tmp") if n.startswith("txqbtest") and _ours(n)}
+    return {n for n in os.listdir("/tmp") if n.startswith("txqbtest")}
+
+
+def _madeByUs(entries: Set[str]) -> Set[str]:
+    # Only entries that appeared during the test are judged, so whatever
+    # was there before (another run's, or debris of killed processes
+    # whose pids have since been reused) can never count.
+    return {n for n in entries if _ours(n) and not _foreign(n)}
 
 
 def _state(reactor: Any) -> tuple[Set[Any], Set[Any], int]:
@@ -177,7 +182,7 @@ def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[Non
             and nowWriters <= writers
             and calls == 0
             and not leakedFds
-            and _shmEntries() <= shm
+            and not _madeByUs(_shmEntries() - shm)
         ):
             break
         # Give in-flight teardown (process reaping, closing callbacks) a
@@ -198,10 +203,10 @@ def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[Non
         problems.append(
             "fds leaked: " + ", ".join(f"{fd}->{_fdTarget(fd)}" for fd in sorted(leaked))
         )
-    shmLeft = _shmEntries() - shm
+    shmLeft = _madeByUs(_shmEntries() - shm)
     if shmLeft:
         problems.append(f"/dev/shm entries left: {sorted(shmLeft)}")
-    socksLeft = _tmpSockets() - socks
+    socksLeft = _madeByUs(_tmpSockets() - socks)
     if socksLeft:
         problems.append(f"/tmp sockets left: {sorted(socksLeft)}")
     if problems:
