@@ -29,12 +29,14 @@ import socket
 import time
 from typing import Callable, List, Optional, Tuple, TypeVar, Union
 
-from txqb._posix.files import mapFile, openSharedFile
 from txqb._posix.shmring import SharedRing, removeControlFile, removeIfOrphaned
 from txqb._posix.sockets import (
+    CONTROL_EVENT_SENT,
+    CONTROL_REQUEST_FLOW_CONTROL,
+    CONTROL_REQUEST_SENT,
     CREDENTIALS_CMSG_SPACE,
     Credentials,
-    datagramSocket,
+    openClientSocketFiles,
     parseCredentials,
     peerCredentials,
     streamClient,
@@ -51,7 +53,6 @@ from txqb._wire.headers import MalformedMessage, Message, decodeResponse, encode
 from txqb._wire.naming import (
     DEFAULT_SOCKET_DIR,
     FORCE_FILESYSTEM_FLAG,
-    clientSocketNames,
     serviceAddress,
 )
 from txqb._wire.ring import USER_DATA, RingError, loadInt, storeWord
@@ -74,10 +75,6 @@ DEFAULT_TIMEOUT = 30.0
 """Seconds L{connect} waits for the server's handshake by default."""
 
 _RESPONSE_SLACK = 4096  # C servers may answer a little beyond the negotiated size
-_CONTROL_FILE_SIZE = 24
-_REQUEST_SENT = 0
-_REQUEST_FLOW_CONTROL = 4
-_EVENT_SENT = 16
 _POLL_FIRST = 0.001
 _POLL_MAX = 0.02
 _SEM_SLICE = 0.1
@@ -148,31 +145,14 @@ class _SocketChannels:
     """A client's end of a ``QB_IPC_SOCKET`` connection, blocking."""
 
     def __init__(self, setup: _Setup, response: ConnectionResponse, receiveSize: int) -> None:
-        controlPath, base = response.request, response.response
-        if not os.path.isabs(controlPath) or not base:
-            raise OSError(
-                errno.EBADMSG, f"server named control file {controlPath!r} and base {base!r}"
-            )
-        names = clientSocketNames(controlPath, base)
+        controlPath = response.request
         self._setup = setup
         self._receiveSize = receiveSize
         self._controlPath = controlPath
-        fd = openSharedFile(controlPath, _CONTROL_FILE_SIZE)
-        try:
-            self._control: Optional[mmap.mmap] = mapFile(fd, _CONTROL_FILE_SIZE)
-        finally:
-            os.close(fd)
-        self._sockets: List[socket.socket] = []
-        try:
-            self._requests = datagramSocket(names.response, response.maxMessageSize)
-            self._sockets.append(self._requests)
-            self._requests.connect(names.request)
-            self._events = datagramSocket(names.event, response.maxMessageSize)
-            self._sockets.append(self._events)
-            self._events.connect(names.eventTx)
-        except BaseException:
-            self.close()
-            raise
+        files = openClientSocketFiles(controlPath, response.response, response.maxMessageSize)
+        self._control: Optional[mmap.mmap] = files.control
+        self._requests, self._events = files.requests, files.events
+        self._sockets: List[socket.socket] = [self._requests, self._events]
 
     def _add(self, offset: int, delta: int) -> None:
         # Queue-length hints, as txqb's Twisted client keeps them.
@@ -180,7 +160,7 @@ class _SocketChannels:
             storeWord(self._control, offset, loadInt(self._control, offset) + delta)
 
     def flowControl(self) -> int:
-        return loadInt(self._control, _REQUEST_FLOW_CONTROL) if self._control else 0
+        return loadInt(self._control, CONTROL_REQUEST_FLOW_CONTROL) if self._control else 0
 
     def sendRequest(self, data: bytes, deadline: Optional[float]) -> None:
         while True:
@@ -200,7 +180,7 @@ class _SocketChannels:
                         f"request of {len(data)} bytes does not fit the socket", e.errno
                     ) from e
                 raise QBError(f"send failed: {e.strerror}", e.errno) from e
-        self._add(_REQUEST_SENT, 1)
+        self._add(CONTROL_REQUEST_SENT, 1)
 
     def _receive(self, sock: socket.socket, deadline: Optional[float]) -> Optional[bytes]:
         setup = self._setup.sock.fileno()
@@ -223,7 +203,7 @@ class _SocketChannels:
     def receiveEvent(self, deadline: Optional[float]) -> Optional[bytes]:
         data = self._receive(self._events, deadline)
         if data is not None:
-            self._add(_EVENT_SENT, -1)
+            self._add(CONTROL_EVENT_SENT, -1)
         return data
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ negotiated message size.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import socket
 import stat
@@ -169,3 +170,57 @@ def datagramSocket(bindAddress: bytes, size: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+CONTROL_FILE_SIZE = 24
+"""The socket transport's control file: three ``{int32 sent; int32 flow_control}`` pairs."""
+
+CONTROL_REQUEST_SENT = 0
+CONTROL_REQUEST_FLOW_CONTROL = 4
+CONTROL_EVENT_SENT = 16
+
+
+class ClientSocketFiles(NamedTuple):
+    """What a socket-transport client opens: the control file and two sockets."""
+
+    control: mmap.mmap
+    requests: socket.socket
+    events: socket.socket
+
+
+def openClientSocketFiles(controlPath: str, base: str, maxMessageSize: int) -> ClientSocketFiles:
+    """
+    Map the control file a server announced and bind and connect the
+    client's request and event sockets to the server's, as libqb's client
+    does; on any failure whatever was opened is closed again.
+
+    @raise OSError: C{EBADMSG} for names no libqb server would send, or the
+        error of the failing call.
+    """
+    from txqb._posix.files import mapFile, openSharedFile
+    from txqb._wire.naming import clientSocketNames
+
+    if not os.path.isabs(controlPath) or not base:
+        raise OSError(
+            errno.EBADMSG, f"server named control file {controlPath!r} and base {base!r}"
+        )
+    names = clientSocketNames(controlPath, base)
+    fd = openSharedFile(controlPath, CONTROL_FILE_SIZE)
+    try:
+        control = mapFile(fd, CONTROL_FILE_SIZE)
+    finally:
+        os.close(fd)
+    sockets = []
+    try:
+        requests = datagramSocket(names.response, maxMessageSize)
+        sockets.append(requests)
+        requests.connect(names.request)
+        events = datagramSocket(names.event, maxMessageSize)
+        sockets.append(events)
+        events.connect(names.eventTx)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        control.close()
+        raise
+    return ClientSocketFiles(control, requests, events)

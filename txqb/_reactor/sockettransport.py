@@ -11,7 +11,6 @@ names and connects at once.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 from typing import Callable, Optional
@@ -19,23 +18,27 @@ from typing import Callable, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFDSet
 
-from txqb._posix.files import PrivateDirectory, mapFile, openSharedFile
+from txqb._posix.files import PrivateDirectory, mapFile
 from txqb._posix.shmring import removeControlFile as _removeControlFile
-from txqb._posix.sockets import datagramSocket
+from txqb._posix.sockets import (
+    CONTROL_EVENT_SENT,
+    CONTROL_FILE_SIZE,
+    CONTROL_REQUEST_FLOW_CONTROL,
+    CONTROL_REQUEST_SENT,
+    datagramSocket,
+    openClientSocketFiles,
+)
 from txqb._reactor.datagram import DatagramChannel
 from txqb._wire.handshake import TRANSPORT_SOCKET
 from txqb._wire.headers import Buffer
-from txqb._wire.naming import clientSocketNames, socketNames
+from txqb._wire.naming import socketNames
 from txqb._wire.ring import loadInt, storeWord
 
 __all__ = ["ServerSocketChannels", "ClientSocketChannels", "CONTROL_FILE_SIZE"]
 
-CONTROL_FILE_SIZE = 24
-"""Three ``{int32 sent; int32 flow_control}`` pairs."""
-
-_REQUEST_SENT = 0
-_REQUEST_FLOW_CONTROL = 4
-_EVENT_SENT = 16
+_REQUEST_SENT = CONTROL_REQUEST_SENT
+_REQUEST_FLOW_CONTROL = CONTROL_REQUEST_FLOW_CONTROL
+_EVENT_SENT = CONTROL_EVENT_SENT
 
 
 def _ignore(_: Buffer) -> None:
@@ -184,31 +187,10 @@ class ClientSocketChannels:
         onEvent: Callable[[Buffer], None],
         onError: Callable[[BaseException], None],
     ) -> None:
-        if not os.path.isabs(controlPath) or not base:
-            raise OSError(
-                errno.EBADMSG,
-                f"server named control file {controlPath!r} and base {base!r}",
-            )
-        names = clientSocketNames(controlPath, base)
         self._controlPath = controlPath
-        fd = openSharedFile(controlPath, CONTROL_FILE_SIZE)
-        try:
-            self._control: Optional[mmap.mmap] = mapFile(fd, CONTROL_FILE_SIZE)
-        finally:
-            os.close(fd)
-        sockets = []
-        try:
-            requestSocket = datagramSocket(names.response, maxMessageSize)
-            sockets.append(requestSocket)
-            requestSocket.connect(names.request)
-            eventSocket = datagramSocket(names.event, maxMessageSize)
-            sockets.append(eventSocket)
-            eventSocket.connect(names.eventTx)
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            self._control.close()
-            raise
+        files = openClientSocketFiles(controlPath, base, maxMessageSize)
+        self._control: Optional[mmap.mmap] = files.control
+        requestSocket, eventSocket = files.requests, files.events
         self.requests = DatagramChannel(
             reactor, requestSocket, receiveSize, onResponse, onError, name="qb-response"
         )
