@@ -151,3 +151,13 @@ def serviceName() -> str:
 def pytest_report_header(config: pytest.Config) -> str:
     """Say which reactor runs the tests."""
     return f"txqb reactor: {type(_reactor()).__module__}.{type(_reactor()).__name__}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--soak``: run the churn and storm tests at their full, slow counts."""
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="full counts for the stress cases (5000 connection cycles, ...)",
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.internet import error, protocol
@@ -133,6 +134,29 @@ class CServer:
             await self.stop()
         else:
             await self.proto.ended
+
+
+class TxqbServer(CServer):
+    """
+    A txqb server in its own process (tests/peers/txqbpeer.py), for the
+    scenarios in which the server must die: same protocol lines as
+    ``qbserver`` (READY, DYING, BYE).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        peers: Peers,
+        name: str,
+        *args: str,
+        env: Optional[Dict[str, str]] = None,
+    ) -> None:
+        super().__init__(reactor, peers, name, *args, env=env)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "txqbpeer.py")
+        self.argv = [sys.executable, script, name, *args]
+        # The child must import this checkout's txqb, as the tests do.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.env["PYTHONPATH"] = root
 
 
 class CClient:
