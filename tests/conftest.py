@@ -10,13 +10,23 @@ Fixtures for txqb's tests.
   failure names what leaked.
 * C{cpeers}: our C libqb peers, built with gcc against the system's libqb.
   Under ``CI=true`` a missing libqb fails the run instead of skipping.
+* A leak gate for the whole run, like libqb's ``resources.test``: once all
+  tests are done, no ``/dev/shm`` entry or socket named for this run
+  (``txqbtest<pid>n...``) may remain, no child process of the run may be
+  left, and the number of open fds must be back to what it was when the
+  first test started.  A leak is named and fails the run (exit status 1);
+  the gate then removes what it found, so one bad run does not poison the
+  next.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sys
-from typing import Any, Iterator, Set
+import time
+from typing import Any, Dict, Iterator, List, Set
 
 import pytest
 import pytest_twisted
@@ -27,6 +37,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from peers.build import Peers, PeersUnavailable, build  # noqa: E402
 
 _SETTLE_STEPS = 100
+_GATE_SETTLE_S = 5.0
+_sessionBaseline: Dict[str, Set[int]] = {}
 _SETTLE_DELAY = 0.01
 
 
@@ -78,6 +90,7 @@ def _reactorStarted() -> None:
     # The reactor adds its own wakers and signal pipes when it first runs;
     # let that happen before any test takes its baseline.
     pytest_twisted.blockon(task.deferLater(_reactor(), 0, lambda: None))
+    _sessionBaseline["fds"] = _fds()
 
 
 @pytest.fixture(autouse=True)
@@ -161,3 +174,112 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="full counts for the stress cases (5000 connection cycles, ...)",
     )
+
+
+# The session-wide leak gate (see the module docstring).
+
+
+def _runTag() -> str:
+    return f"txqbtest{os.getpid()}n"
+
+
+def _children() -> Dict[int, str]:
+    """Child processes of this run (zombies included), with their command lines."""
+    me = os.getpid()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            # Field 4 is the parent pid; the command (field 2) may hold spaces.
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        found[int(entry)] = cmd or stat.split()[1]
+    return found
+
+
+def _boundSockets(tag: str) -> List[str]:
+    """Sockets still bound under this run's names, abstract ones included."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return []
+    return sorted({parts[-1] for parts in (line.split() for line in lines) if len(parts) >= 8 and tag in parts[-1]})
+
+
+def sessionLeaks() -> List[str]:
+    """What this run left behind, one description per leak."""
+    tag = _runTag()
+    problems = []
+    shm = sorted(n for n in os.listdir("/dev/shm") if tag in n)
+    if shm:
+        problems.append(f"/dev/shm entries left: {shm}")
+    files = sorted(n for n in os.listdir("/tmp") if n.startswith(tag))
+    if files:
+        problems.append(f"/tmp sockets left: {files}")
+    bound = _boundSockets(tag)
+    if bound:
+        problems.append(f"sockets still bound: {bound}")
+    children = _children()
+    if children:
+        problems.append(
+            "child processes left: " + ", ".join(f"{pid} ({cmd})" for pid, cmd in sorted(children.items()))
+        )
+    baseline = _sessionBaseline.get("fds")
+    if baseline is not None:
+        extra = _fds() - baseline
+        if extra:
+            problems.append(
+                f"fds open: {len(baseline) + len(extra)} against {len(baseline)} at the start: "
+                + ", ".join(f"{fd}->{_fdTarget(fd)}" for fd in sorted(extra))
+            )
+    return problems
+
+
+def _removeLeaks() -> None:
+    tag = _runTag()
+    for pid in _children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (OSError, ChildProcessError):
+            pass
+    for name in os.listdir("/dev/shm"):
+        if tag in name:
+            path = os.path.join("/dev/shm", name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+    for name in os.listdir("/tmp"):
+        if name.startswith(tag):
+            os.unlink(os.path.join("/tmp", name))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The leak gate: fail the run if anything outlived the tests."""
+    deadline = time.monotonic() + _GATE_SETTLE_S
+    problems = sessionLeaks()
+    while problems and time.monotonic() < deadline:
+        # Children may still be exiting, sockets closing.
+        time.sleep(0.05)
+        problems = sessionLeaks()
+    if not problems:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for problem in problems:
+        message = f"leak gate: {problem}"
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        else:
+            print(message, file=sys.stderr)
+    _removeLeaks()
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
