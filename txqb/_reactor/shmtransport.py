@@ -55,6 +55,9 @@ GIL and a core).
 
 _RETRY_FIRST = 0.0005
 _RETRY_MAX = 0.02
+# How often and how long a client looks for a dead server's files (1 s).
+_ORPHAN_CHECKS = 100
+_ORPHAN_CHECK_INTERVAL = 0.01
 
 
 class SharedRing:
@@ -413,6 +416,7 @@ class ClientShmChannels:
         self._eventsPaused = False
         self._drainCall: Optional[IDelayedCall] = None
         self.closed = False
+        self._serverGone = False
         self._requests = _RingWriter(reactor, self._request.ring, self._ringDoorbell)
         self._waiter = _ResponseWaiter(
             reactor, self._response.semaphore, self._responseCounted, self._waiterExited
@@ -478,6 +482,7 @@ class ClientShmChannels:
         hold counts whose deliveries are still on their way to the reactor
         (they are dropped once the connection is closed).
         """
+        self._serverGone = True
         self.drainEvents()
         ring = self._response.ring
         while not self.closed and ring.committedAhead():
@@ -517,28 +522,48 @@ class ClientShmChannels:
         rings, self._rings = self._rings, []
         for ring in rings:
             ring.detach()
-        _removeIfOrphaned(self._names)
+        self._tidy(_ORPHAN_CHECKS)
+
+    def _tidy(self, checks: int) -> None:
+        # A killed server's sockets close before its process is gone, so
+        # the client may look too early: look again a few times, as
+        # libqb's client does.
+        if not _removeIfOrphaned(self._names) and self._serverGone and checks > 1:
+            self._reactor.callLater(_ORPHAN_CHECK_INTERVAL, self._tidy, checks - 1)
 
 
-def _removeIfOrphaned(names: Tuple[str, ...]) -> None:
+def _isZombie(pid: int) -> bool:
+    # A killed server is a zombie until its parent reaps it, which may be
+    # after the client noticed: it will never touch its files again.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _removeIfOrphaned(names: Tuple[str, ...]) -> bool:
     """
     After a server died, remove the ring files it can no longer remove,
     as libqb's client does.  Only files inside a ``qb-*`` directory of
     /dev/shm are touched, and only when that directory's owner process
     (the server pid in its name) is gone.
+
+    @return: False while that process still lives, True otherwise.
     """
     directory = os.path.dirname(names[0])
     base = os.path.basename(directory)
     if os.path.dirname(directory) != SHM_DIR or not base.startswith("qb-"):
-        return
+        return True
     try:
         serverPid = int(base.split("-")[1])
         os.kill(serverPid, 0)
-        return
+        if not _isZombie(serverPid):
+            return False
     except (ValueError, IndexError):
-        return
+        return True
     except PermissionError:
-        return
+        return True
     except ProcessLookupError:
         pass
     for name in names:
@@ -551,3 +576,4 @@ def _removeIfOrphaned(names: Tuple[str, ...]) -> None:
         os.rmdir(directory)
     except OSError:
         pass
+    return True
