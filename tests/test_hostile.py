@@ -93,8 +93,8 @@ async def test_malformedLibqbLaxTxqbStrict(reactor: Any, cpeers: Peers, serviceN
                 shutil.rmtree(left)
         assert seen == LIBQB_206[case]
     finally:
-        server.kill()
-        await server.proto.ended
+        if server.proto.exitCode is None:
+            await server.stop()
     service = txqb.listen(reactor, serviceName, MatrixHandlers())
     try:
         assert await deferToThread(_probe, serviceName, CASES[case]) == "closes"
