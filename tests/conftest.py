@@ -22,6 +22,7 @@ Fixtures for txqb's tests.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from peers.build import Peers, PeersUnavailable, build  # noqa: E402
 
 _SETTLE_STEPS = 100
+_CONNECTION_DIR = re.compile(r"qb-(\d+)-(\d+)-\d+-")
 _GATE_SETTLE_S = 5.0
 _sessionBaseline: Dict[str, Set[int]] = {}
 _SETTLE_DELAY = 0.01
@@ -70,6 +72,14 @@ def _ours(name: str) -> bool:
     # another test run on the same machine makes txqbtest<its pid> names,
     # which are not this run's leaks.  Names without the prefix are ours
     # to account for too.
+    # Per-connection directories (qb-SERVERPID-CLIENTPID-FD-XXXXXX) carry
+    # no service name: they are ours when one end is this process or a
+    # peer it started.
+    ends = _CONNECTION_DIR.match(name)
+    if ends:
+        from cprocs import SPAWNED
+
+        return bool({int(ends[1]), int(ends[2])} & (SPAWNED | {os.getpid()}))
     return "txqbtest" not in name or f"txqbtest{os.getpid()}n" in name
 
 
