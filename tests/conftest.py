@@ -177,12 +177,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """``--soak``: run the churn and storm tests at their full, slow counts."""
+    """``--soak``: run the churn and kill-cycle tests at long, slow counts."""
     parser.addoption(
         "--soak",
         action="store_true",
         default=False,
-        help="full counts for the stress cases (5000 connection cycles, ...)",
+        help="long counts for the stress cases (50 000 connection cycles, ...)",
     )
 
 

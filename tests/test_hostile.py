@@ -332,14 +332,14 @@ def _cpuSeconds() -> float:
 @pytest_twisted.ensureDeferred
 async def test_stalledCClientResumes(reactor: Any, cpeers: Peers, serviceName: str, transport: str) -> None:
     """
-    A C client asks for 5000 events and reads nothing for 3 s: the server
+    A C client asks for 5000 events and reads nothing for 4 s: the server
     waits without spinning (its CPU time over a second of the stall is a
     small fraction of that second), then every event arrives, in order.
     """
     handlers = MatrixHandlers()
     service = txqb.listen(reactor, serviceName, handlers, transport=transport)
     try:
-        client = CClient(reactor, cpeers, serviceName, ["stall", "5000", "1000", "3000"]).start()
+        client = CClient(reactor, cpeers, serviceName, ["stall", "5000", "1000", "4000"]).start()
         await _until(reactor, lambda: len(service.connections) == 1, "connected")
         (conn,) = service.connections
         await _until(reactor, lambda: conn.stats.sendRetries > 0, "event channel full")

@@ -263,8 +263,10 @@ async def test_cClientServerExits(reactor: Any, cpeers: Peers, serviceName: str,
 # 27, 28: connection churn against one server
 
 
+# libqb's full count: about 1-3 s per combination (the C client in one
+# process, the txqb client in the test's reactor); --soak runs ten times that.
 def _cycles(request: pytest.FixtureRequest) -> int:
-    return 5000 if _soak(request) else 1000
+    return 50000 if _soak(request) else 5000
 
 
 @pytest_twisted.ensureDeferred

@@ -118,7 +118,7 @@ class MatrixHandlers(PeerHandlers):
             print("DYING", flush=True)
             os._exit(0)
         if msgId == DISPATCH:
-            connection.sendEvent(DISPATCH)
+            connection.sendEvent(DISPATCH).addErrback(lambda f: f.trap(ConnectionLostError))
             return None
         if msgId == BULK:
             return self._bulk(connection)
