@@ -83,8 +83,17 @@ def _ours(name: str) -> bool:
     return "txqbtest" not in name or f"txqbtest{os.getpid()}n" in name
 
 
-def _shmEntries() -> Set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("qb-") and _ours(n)}
+def _allShm() -> Set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("qb-")}
+
+
+def shmLeftSince(before: Set[str]) -> Set[str]:
+    """
+    This run's ``/dev/shm/qb-*`` entries that are not in C{before} (a
+    snapshot of L{_allShm}): stale entries of dead runs never count, even
+    when a new peer's pid happens to match one.
+    """
+    return {n for n in _allShm() - before if _ours(n)}
 
 
 def _tmpSockets() -> Set[str]:
@@ -108,7 +117,7 @@ def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[Non
     """Fail a test that leaves anything behind (see the module docstring)."""
     reactor = _reactor()
     readers, writers, _ = _state(reactor)
-    fds, shm, socks = _fds(), _shmEntries(), _tmpSockets()
+    fds, shm, socks = _fds(), _allShm(), _tmpSockets()
     yield
     problems = []
     for _ in range(_SETTLE_STEPS):
@@ -119,7 +128,7 @@ def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[Non
             and nowWriters <= writers
             and calls == 0
             and not leakedFds
-            and _shmEntries() <= shm
+            and not shmLeftSince(shm)
         ):
             break
         # Give in-flight teardown (process reaping, closing callbacks) a
@@ -140,7 +149,7 @@ def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[Non
         problems.append(
             "fds leaked: " + ", ".join(f"{fd}->{_fdTarget(fd)}" for fd in sorted(leaked))
         )
-    shmLeft = _shmEntries() - shm
+    shmLeft = shmLeftSince(shm)
     if shmLeft:
         problems.append(f"/dev/shm entries left: {sorted(shmLeft)}")
     socksLeft = _tmpSockets() - socks

@@ -35,7 +35,7 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 
 import txqb
-from conftest import _shmEntries
+from conftest import _allShm, shmLeftSince
 from cprocs import CClient, CServer, TxqbServer, runClient
 from peers.build import Peers
 from peers.txqbpeer import HOLD, MatrixHandlers
@@ -223,13 +223,13 @@ async def test_thousandRefusedCConnects(reactor: Any, cpeers: Peers, serviceName
     handlers = MatrixHandlers(refuse=errno.EACCES)
     service = txqb.listen(reactor, serviceName, handlers, transport=transport)
     try:
-        fds, shm = _fdCount(), _shmEntries()
+        fds, shm = _fdCount(), _allShm()
         code, lines = await runClient(reactor, cpeers, serviceName, options=["--cycles", "1000"], timeout=300)
         assert (code, lines) == (0, [f"CYCLES ok=0 fail=1000 errno={errno.EACCES}"])
         await _until(reactor, lambda: not service._pending, "refusals finished")
         assert handlers.names() == ["accept", "destroyed"] * 1000
         assert _fdCount() == fds
-        assert _shmEntries() == shm
+        assert shmLeftSince(shm) == set()
     finally:
         await service.stopListening()
 
@@ -268,7 +268,7 @@ async def test_cClientKillCycles(
     service = txqb.listen(reactor, serviceName, handlers, transport=transport)
     n = 1000 if request.config.getoption("--soak") else 100
     try:
-        fds, shm = _fdCount(), _shmEntries()
+        fds, shm = _fdCount(), _allShm()
         for _ in range(n):
             victim = CClient(reactor, cpeers, serviceName, ["hang"]).start()
             await victim.waitFor("HANGING")
@@ -276,7 +276,7 @@ async def test_cClientKillCycles(
             await victim.finish()
         await _until(reactor, lambda: handlers.names().count("destroyed") == n, "all destroyed")
         assert _fdCount() == fds
-        assert _shmEntries() == shm
+        assert shmLeftSince(shm) == set()
     finally:
         await service.stopListening()
 
