@@ -4,6 +4,7 @@ libqb where its behaviour is visible, and against txqb in both roles.
 
 * malformed request headers that Debian's libqb 2.0.6 mishandles (one of
   them corrupts its heap) and that a txqb server refuses;
+* a corrupted event ring under a txqb client;
 * SIGKILL of either peer at each phase (right after connecting, mid-
   request, mid-event-storm);
 * 1000 refused connects and 1000 connect/kill cycles: fds and ``/dev/shm``
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import mmap
 import os
 import resource
 import shutil
@@ -41,7 +43,9 @@ from peers.build import Peers
 from peers.txqbpeer import HOLD, MatrixHandlers
 from test_badinput import CASES, RawClient
 from test_matrix import _until
+from txqb._posix.semaphore import SharedSemaphore
 from txqb._wire.naming import MAX_SERVICE_NAME
+from txqb._wire.ring import DATA_PATH, MAGIC_COMMITTED, SEMAPHORE, readPath
 
 _U32 = struct.Struct("<I")
 TRANSPORTS = ["shm", "socket"]
@@ -208,6 +212,43 @@ async def test_txqbServerKilled(reactor: Any, cpeers: Peers, serviceName: str, t
     finally:
         server.kill()
         await server.proto.ended
+
+
+# A corrupted event ring, seen by a txqb client
+
+
+@pytest.mark.parametrize("damage", ["magic", "size"])
+@pytest_twisted.ensureDeferred
+async def test_corruptEventRingAtClient(reactor: Any, cpeers: Peers, serviceName: str, damage: str) -> None:
+    """
+    A bad chunk in the event ring a C server writes to: the txqb client
+    drops the connection with an error instead of spinning or delivering
+    garbage, and the server sees an ordinary disconnect.
+    """
+    async with await CServer(reactor, cpeers, serviceName, "--transport", "shm").start() as server:
+        events: List[txqb.Message] = []
+        client = await txqb.connect(reactor, serviceName, eventReceived=events.append)
+        try:
+            (directory,) = glob.glob(f"/dev/shm/qb-{server.pid}-{os.getpid()}-*")
+            header = os.path.join(directory, f"qb-event-{serviceName}-header")
+            with open(header, "r+b") as h, mmap.mmap(h.fileno(), 0) as hmap:
+                with open(readPath(memoryview(hmap), DATA_PATH), "r+b") as d, mmap.mmap(d.fileno(), 0) as dmap:
+                    if damage == "magic":
+                        struct.pack_into("<II", dmap, 0, 21, 0xBAD0BAD0)
+                    else:
+                        struct.pack_into("<II", dmap, 0, 0xBAD0BAD0, MAGIC_COMMITTED)
+                sem = SharedSemaphore(hmap, SEMAPHORE)
+                sem.post()
+                sem.release()
+            # Events are read on a doorbell or before a response, as libqb
+            # reads them: the echo's response makes the client look.
+            with pytest.raises(txqb.ConnectionLostError):
+                await client.request(0, b"x").addTimeout(20, reactor)
+            await client.whenDisconnected()
+            assert events == []
+        finally:
+            await client.disconnect()
+        await server.waitFor("DESTROYED")
 
 
 # Churn: refusals and killed clients leave nothing behind
