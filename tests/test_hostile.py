@@ -278,8 +278,9 @@ async def test_thousandRefusedCConnects(reactor: Any, cpeers: Peers, serviceName
 @pytest_twisted.ensureDeferred
 async def test_thousandConnectKillCycles(reactor: Any, serviceName: str) -> None:
     """
-    1000 clients that vanish without a goodbye (their sockets simply close,
-    as when a process is killed), then C clients killed over SHM.
+    1000 socket-transport clients that vanish without a goodbye (their
+    sockets simply close, as when a process is killed); real C clients
+    SIGKILLed on both transports: L{test_cClientKillCycles}.
     """
     service = txqb.listen(reactor, serviceName, MatrixHandlers())
     try:
@@ -307,7 +308,7 @@ async def test_cClientKillCycles(
     """Connected C clients SIGKILLed one after another: nothing accumulates."""
     handlers = MatrixHandlers()
     service = txqb.listen(reactor, serviceName, handlers, transport=transport)
-    n = 1000 if request.config.getoption("--soak") else 100
+    n = 5000 if request.config.getoption("--soak") else 1000
     try:
         fds, shm = _fdCount(), _allShm()
         for _ in range(n):
