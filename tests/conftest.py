@@ -12,14 +12,25 @@ Fixtures for txqb's tests.
   failure names what leaked.
 * C{cpeers}: our C libqb peers, built with gcc against the system's libqb.
   Under ``CI=true`` a missing libqb fails the run instead of skipping.
+* A leak gate for the whole run, like libqb's ``resources.test``: once all
+  tests are done, no ``/dev/shm`` entry or socket named for this run
+  (``txqbtest<pid>n...``) may remain, no child process of the run may be
+  left, and the number of open fds must be back to what it was when the
+  first test started.  A leak is named and fails the run (exit status 1);
+  the gate then removes what it found, so one bad run does not poison the
+  next.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
-from typing import Any, Iterator, Set
+import time
+from typing import Any, Dict, Iterator, List, Set
 
 import pytest
 import pytest_twisted
@@ -27,6 +38,9 @@ from twisted.internet import task
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from peers.build import Peers, PeersUnavailable, build  # noqa: E402
+
+_SETTLE_STEPS = 100
 _REACTORS = {"poll": "PollReactor", "select": "SelectReactor"}
 _chosen = os.environ.get("TXQB_TEST_REACTOR", "")
 if _chosen:
@@ -45,9 +59,9 @@ if _chosen:
     # runs after this module is imported.
     pytest_twisted.reactor_installers["default"] = _installChosen
 
-from peers.build import Peers, PeersUnavailable, build  # noqa: E402
-
-_SETTLE_STEPS = 100
+_CONNECTION_DIR = re.compile(r"qb-(\d+)-(\d+)-\d+-")
+_GATE_SETTLE_S = 5.0
+_sessionBaseline: Dict[str, Set[int]] = {}
 _SETTLE_DELAY = 0.01
 
 
@@ -74,19 +88,53 @@ def _fdTarget(fd: int) -> str:
         return "?"
 
 
-_spawned: Set[int] = set()
-"""Pids of every process this run started (see _recordChildren)."""
+def _ours(name: str) -> bool:
+    # Names made by this run carry its pid (see the serviceName fixture);
+    # another test run on the same machine makes txqbtest<its pid> names,
+    # which are not this run's leaks.  Names without the prefix are ours
+    # to account for too.
+    # Per-connection directories (qb-SERVERPID-CLIENTPID-FD-XXXXXX) carry
+    # no service name: they are ours when one end is this process or a
+    # peer it started.
+    ends = _CONNECTION_DIR.match(name)
+    if ends:
+        from cprocs import SPAWNED
+
+        return bool({int(ends[1]), int(ends[2])} & (SPAWNED | {os.getpid()}))
+    return "txqbtest" not in name or f"txqbtest{os.getpid()}n" in name
+
+
+def _allShm() -> Set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("qb-")}
+
+
+def shmLeftSince(before: Set[str]) -> Set[str]:
+    """
+    This run's ``/dev/shm/qb-*`` entries that are not in C{before} (a
+    snapshot of L{_allShm}): stale entries of dead runs never count, even
+    when a new peer's pid happens to match one.
+    """
+    return {n for n in _allShm() - before if _ours(n)}
+
+
+def _tmpSockets() -> Set[str]:
+    return {n for n in os.listdir("/tmp") if n.startswith("txqbtest") and _ours(n)}
+
+
+def _state(reactor: Any) -> tuple[Set[Any], Set[Any], int]:
+    return set(reactor.getReaders()), set(reactor.getWriters()), len(reactor.getDelayedCalls())
 
 
 def _recordChildren() -> None:
-    # Another test run on the same machine makes /dev/shm entries too;
-    # knowing this run's processes tells them apart (a libqb connection
-    # directory is named qb-<server pid>-<client pid>-...).
+    # Every process a test starts, by whatever means, is one of this run's
+    # peers (see _ours): record Popen's and spawnProcess's children too.
+    from cprocs import SPAWNED
+
     original = subprocess.Popen.__init__
 
     def recordingInit(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        _spawned.add(self.pid)
+        SPAWNED.add(self.pid)
 
     subprocess.Popen.__init__ = recordingInit  # type: ignore[method-assign]
     reactor = _reactor()
@@ -94,68 +142,10 @@ def _recordChildren() -> None:
 
     def recordingSpawn(*args: Any, **kwargs: Any) -> Any:
         process = spawn(*args, **kwargs)
-        _spawned.add(process.pid)
+        SPAWNED.add(process.pid)
         return process
 
     reactor.spawnProcess = recordingSpawn
-
-
-def _ours(name: str) -> bool:
-    # Names made by this run carry its pid (see the serviceName fixture);
-    # another test run on the same machine makes txqbtest<its pid> names,
-    # which are not this run's leaks.
-    if "txqbtest" in name:
-        return f"txqbtest{os.getpid()}n" in name
-    parts = name.split("-")
-    if name.startswith("qb-") and len(parts) > 2 and parts[1].isdigit() and parts[2].isdigit():
-        pids = {int(parts[1]), int(parts[2])}
-        return bool(pids & (_spawned | {os.getpid()}))
-    return True
-
-
-def _descendsFromUs(pid: int) -> bool:
-    me = os.getpid()
-    while pid > 1:
-        if pid == me:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
-
-
-def _foreign(name: str) -> bool:
-    # qb-<server pid>-<client pid>-<fd>-XXXXXX: a connection between live
-    # processes of which neither is this run or its child is another
-    # run's, however its service is named.  Entries of dead processes
-    # count as ours: they are leaks either way.
-    try:
-        pids = [int(p) for p in name.split("-")[1:3]]
-    except (ValueError, IndexError):
-        return False
-    alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
-    return bool(alive) and not any(_descendsFromUs(p) for p in alive)
-
-
-def _shmEntries() -> Set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("qb-")}
-
-
-def _tmpSockets() -> Set[str]:
-    return {n for n in os.listdir("/tmp") if n.startswith("txqbtest")}
-
-
-def _madeByUs(entries: Set[str]) -> Set[str]:
-    # Only entries that appeared during the test are judged, so whatever
-    # was there before (another run's, or debris of killed processes
-    # whose pids have since been reused) can never count.
-    return {n for n in entries if _ours(n) and not _foreign(n)}
-
-
-def _state(reactor: Any) -> tuple[Set[Any], Set[Any], int]:
-    return set(reactor.getReaders()), set(reactor.getWriters()), len(reactor.getDelayedCalls())
 
 
 @pytest.fixture(scope="session")
@@ -164,6 +154,7 @@ def _reactorStarted() -> None:
     # let that happen before any test takes its baseline.
     _recordChildren()
     pytest_twisted.blockon(task.deferLater(_reactor(), 0, lambda: None))
+    _sessionBaseline["fds"] = _fds()
 
 
 @pytest.fixture(autouse=True)
@@ -171,7 +162,7 @@ def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[Non
     """Fail a test that leaves anything behind (see the module docstring)."""
     reactor = _reactor()
     readers, writers, _ = _state(reactor)
-    fds, shm, socks = _fds(), _shmEntries(), _tmpSockets()
+    fds, shm, socks = _fds(), _allShm(), _tmpSockets()
     yield
     problems = []
     for _ in range(_SETTLE_STEPS):
@@ -182,7 +173,7 @@ def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[Non
             and nowWriters <= writers
             and calls == 0
             and not leakedFds
-            and not _madeByUs(_shmEntries() - shm)
+            and not shmLeftSince(shm)
         ):
             break
         # Give in-flight teardown (process reaping, closing callbacks) a
@@ -203,10 +194,10 @@ def clean(request: pytest.FixtureRequest, _reactorStarted: None) -> Iterator[Non
         problems.append(
             "fds leaked: " + ", ".join(f"{fd}->{_fdTarget(fd)}" for fd in sorted(leaked))
         )
-    shmLeft = _madeByUs(_shmEntries() - shm)
+    shmLeft = shmLeftSince(shm)
     if shmLeft:
         problems.append(f"/dev/shm entries left: {sorted(shmLeft)}")
-    socksLeft = _madeByUs(_tmpSockets() - socks)
+    socksLeft = _tmpSockets() - socks
     if socksLeft:
         problems.append(f"/tmp sockets left: {sorted(socksLeft)}")
     if problems:
@@ -243,3 +234,122 @@ def serviceName() -> str:
 def pytest_report_header(config: pytest.Config) -> str:
     """Say which reactor runs the tests."""
     return f"txqb reactor: {type(_reactor()).__module__}.{type(_reactor()).__name__}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--soak``: run the churn and kill-cycle tests at long, slow counts."""
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="long counts for the stress cases (50 000 connection cycles, ...)",
+    )
+
+
+# The session-wide leak gate (see the module docstring).
+
+
+def _runTag() -> str:
+    return f"txqbtest{os.getpid()}n"
+
+
+def _children() -> Dict[int, str]:
+    """Child processes of this run (zombies included), with their command lines."""
+    me = os.getpid()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            # Field 4 is the parent pid; the command (field 2) may hold spaces.
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        found[int(entry)] = cmd or stat.split()[1]
+    return found
+
+
+def _boundSockets(tag: str) -> List[str]:
+    """Sockets still bound under this run's names, abstract ones included."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return []
+    return sorted({parts[-1] for parts in (line.split() for line in lines) if len(parts) >= 8 and tag in parts[-1]})
+
+
+def sessionLeaks() -> List[str]:
+    """What this run left behind, one description per leak."""
+    tag = _runTag()
+    problems = []
+    shm = sorted(n for n in os.listdir("/dev/shm") if tag in n)
+    if shm:
+        problems.append(f"/dev/shm entries left: {shm}")
+    files = sorted(n for n in os.listdir("/tmp") if n.startswith(tag))
+    if files:
+        problems.append(f"/tmp sockets left: {files}")
+    bound = _boundSockets(tag)
+    if bound:
+        problems.append(f"sockets still bound: {bound}")
+    children = _children()
+    if children:
+        problems.append(
+            "child processes left: " + ", ".join(f"{pid} ({cmd})" for pid, cmd in sorted(children.items()))
+        )
+    baseline = _sessionBaseline.get("fds")
+    if baseline is not None:
+        extra = _fds() - baseline
+        if extra:
+            problems.append(
+                f"fds open: {len(baseline) + len(extra)} against {len(baseline)} at the start: "
+                + ", ".join(f"{fd}->{_fdTarget(fd)}" for fd in sorted(extra))
+            )
+    return problems
+
+
+def _removeLeaks() -> None:
+    tag = _runTag()
+    for pid in _children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (OSError, ChildProcessError):
+            pass
+    for name in os.listdir("/dev/shm"):
+        if tag in name:
+            path = os.path.join("/dev/shm", name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+    for name in os.listdir("/tmp"):
+        if name.startswith(tag):
+            os.unlink(os.path.join("/tmp", name))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The leak gate: fail the run if anything outlived the tests."""
+    deadline = time.monotonic() + _GATE_SETTLE_S
+    problems = sessionLeaks()
+    while problems and time.monotonic() < deadline:
+        # Children may still be exiting, sockets closing.
+        time.sleep(0.05)
+        problems = sessionLeaks()
+    if not problems:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for problem in problems:
+        message = f"leak gate: {problem}"
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        else:
+            print(message, file=sys.stderr)
+    _removeLeaks()
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

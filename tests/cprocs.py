@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Dict, List, Optional, Sequence
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from twisted.internet import error, protocol
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from peers.build import Peers
+
+
+SPAWNED: Set[int] = set()
+"""Pids of every peer process started here: their /dev/shm entries are ours."""
 
 
 class _Collect(protocol.ProcessProtocol):
@@ -95,6 +100,7 @@ class CServer:
         self.process = self.reactor.spawnProcess(
             self.proto, self.argv[0], self.argv, env=self.env
         )
+        SPAWNED.add(self.process.pid)
         line = await self.proto.waitFor("READY", self.reactor)
         self.pid = int(line.split()[1])
         return self
@@ -135,6 +141,22 @@ class CServer:
             await self.proto.ended
 
 
+class TxqbServer(CServer):
+    """
+    A txqb server in its own process (tests/peers/txqbpeer.py), for the
+    scenarios in which the server must die: same protocol lines as
+    ``qbserver`` (READY, DYING, BYE).
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "txqbpeer.py")
+        self.argv = [sys.executable, script, *self.argv[1:]]
+        # The child must import this checkout's txqb, as the tests do.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.env["PYTHONPATH"] = root
+
+
 class CClient:
     """One ``qbclient`` run."""
 
@@ -156,6 +178,7 @@ class CClient:
         self.process = self.reactor.spawnProcess(
             self.proto, self.argv[0], self.argv, env=self.env
         )
+        SPAWNED.add(self.process.pid)
         return self
 
     def waitFor(self, prefix: str, timeout: float = 20.0) -> Deferred[str]:

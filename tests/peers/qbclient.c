@@ -4,8 +4,13 @@
  * client API and reports what it saw as one stdout line per command.
  *
  * Usage:
- *   qbclient NAME [--max BYTES] [--fcmax N] CMD ARGS... [CMD ARGS...]...
+ *   qbclient NAME [--max BYTES] [--fcmax N] [--async 1] [--cycles N]
+ *                 CMD ARGS... [CMD ARGS...]...
  *
+ * --cycles N first connects and disconnects N times and prints
+ * CYCLES ok=<n> fail=<n> errno=<last errno>; with no commands it then
+ * exits (0).  --async 1 connects with qb_ipcc_connect_async, a poll on the
+ * returned fd and qb_ipcc_connect_continue (libqb's async-connect case).
  * First line: CONNECTED <negotiated size>, or CONNECT_FAIL <errno> (exit 2).
  * Then, per command (request ids as in qbserver.c; timeouts 10 s):
  *   echo SIZE         ECHO <SIZE> ok          round trip, payload compared
@@ -13,8 +18,10 @@
  *   sweep STEP        SWEEP <count> ok        sizes 0, STEP, ... bufsize-24
  *   oversize          OVERSIZE <rc>           bufsize+1 bytes: -EMSGSIZE
  *   events COUNT SIZE EVENTS <COUNT> ok       events checked, then response
+ *   stall COUNT SIZE MS  STALL <COUNT> ok     as events, reading nothing for MS
  *   evresp N          EVRESP <N> ok           response first, then N events
  *   auth              AUTH <pid> <uid> <gid>  the server's credentials
+ *   feed MS           FEED <error>            id 10: server self-feeds for MS
  *   invalid ID        INVALID <ID> <error>    the response's error field
  *   fc ID MS          FC eagain=<count>       flow control (ID 2 or 3)
  *   kick              KICKED <rc>             server disconnects us
@@ -33,6 +40,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -69,7 +77,7 @@ struct command;
 /* One parsed script entry: a command and its numeric arguments. */
 struct step {
 	const struct command *cmd;
-	long args[2];
+	long args[3];
 };
 
 static qb_ipcc_connection_t *conn;
@@ -420,10 +428,12 @@ cmd_oversize(const char *cmd, const long *args)
 	printf("OVERSIZE %zd\n", rc);
 }
 
+static void cmd_sleep(const char *cmd, const long *args);
+
+/* Request COUNT events of SIZE bytes; read nothing for stall_ms; check all. */
 static void
-cmd_events(const char *cmd, const long *args)
+events_checked(const char *cmd, uint32_t count, uint32_t size, long stall_ms)
 {
-	uint32_t count = (uint32_t)args[0], size = (uint32_t)args[1];
 	uint8_t *msg = new_request(cmd, MSG_EVENTS, 8);
 	const uint8_t *body = rbuf + RES_HDR_SIZE;
 	uint32_t seq, i;
@@ -439,6 +449,9 @@ cmd_events(const char *cmd, const long *args)
 	free(msg);
 	if (rc < 0) {
 		fail(cmd, "send rc=%zd", rc);
+	}
+	if (stall_ms > 0) {
+		cmd_sleep(cmd, &stall_ms);
 	}
 
 	for (seq = 0; seq < count; seq++) {
@@ -463,7 +476,20 @@ cmd_events(const char *cmd, const long *args)
 	if (get_le32(body) != count) {
 		fail(cmd, "response count=%" PRIu32, get_le32(body));
 	}
-	printf("EVENTS %" PRIu32 " ok\n", count);
+}
+
+static void
+cmd_events(const char *cmd, const long *args)
+{
+	events_checked(cmd, (uint32_t)args[0], (uint32_t)args[1], 0);
+	printf("EVENTS %ld ok\n", args[0]);
+}
+
+static void
+cmd_stall(const char *cmd, const long *args)
+{
+	events_checked(cmd, (uint32_t)args[0], (uint32_t)args[1], args[2]);
+	printf("STALL %ld ok\n", args[0]);
 }
 
 static void
@@ -586,6 +612,20 @@ cmd_fc(const char *cmd, const long *args)
 }
 
 static void
+cmd_feed(const char *cmd, const long *args)
+{
+	uint8_t ms[4];
+	ssize_t rc;
+
+	put_le32(ms, (uint32_t)args[0]);
+	rc = round_trip(10, ms, sizeof(ms), DEFAULT_TIMEOUT_MS);
+	if (rc < (ssize_t)RES_HDR_SIZE) {
+		fail(cmd, "rc=%zd", rc);
+	}
+	printf("FEED %d\n", rhdr()->error);
+}
+
+static void
 cmd_kick(const char *cmd, const long *args)
 {
 	uint8_t *msg = new_request(cmd, MSG_KICK, 0);
@@ -696,7 +736,7 @@ cmd_hang(const char *cmd, const long *args)
 struct command {
 	const char *name;
 	int nargs;
-	long min[2], max[2];	/* accepted range of each argument */
+	long min[3], max[3];	/* accepted range of each argument */
 	cmd_fn fn;
 };
 
@@ -706,10 +746,12 @@ static const struct command commands[] = {
 	{"sweep", 1, {1}, {INT32_MAX}, cmd_sweep},
 	{"oversize", 0, {0}, {0}, cmd_oversize},
 	{"events", 2, {0, 4}, {INT32_MAX, INT32_MAX}, cmd_events},
+	{"stall", 3, {0, 4, 0}, {INT32_MAX, INT32_MAX, INT32_MAX}, cmd_stall},
 	{"evresp", 1, {0}, {INT32_MAX}, cmd_evresp},
 	{"auth", 0, {0}, {0}, cmd_auth},
 	{"invalid", 1, {INT32_MIN}, {INT32_MAX}, cmd_invalid},
 	{"fc", 2, {2, 0}, {3, INT32_MAX}, cmd_fc},
+	{"feed", 1, {0}, {INT32_MAX}, cmd_feed},
 	{"kick", 0, {0}, {0}, cmd_kick},
 	{"die", 0, {0}, {0}, cmd_die},
 	{"waitclose", 1, {0}, {INT32_MAX}, cmd_waitclose},
@@ -773,6 +815,62 @@ parse_script(int argc, char **argv, int first)
 	return n;
 }
 
+/* qb_ipcc_connect_async, then wait for the fd, then connect_continue. */
+static qb_ipcc_connection_t *
+connect_async(const char *name, size_t max)
+{
+	struct pollfd pfd = {.events = POLLIN};
+	qb_ipcc_connection_t *c;
+	int rc;
+
+	c = qb_ipcc_connect_async(name, max, &pfd.fd);
+	if (c == NULL) {
+		return NULL;
+	}
+	do {
+		rc = poll(&pfd, 1, DEFAULT_TIMEOUT_MS);
+	} while (rc < 0 && errno == EINTR);
+	if (rc != 1) {
+		qb_ipcc_disconnect(c);
+		errno = rc == 0 ? ETIMEDOUT : errno;
+		return NULL;
+	}
+	rc = qb_ipcc_connect_continue(c);
+	if (rc != 0) {
+		/* connect_continue frees the connection when it fails. */
+		errno = -rc;
+		return NULL;
+	}
+	return c;
+}
+
+static qb_ipcc_connection_t *
+connect_once(const char *name, size_t max, int async)
+{
+	return async ? connect_async(name, max) : qb_ipcc_connect(name, max);
+}
+
+/* libqb's connection-churn case, counted: connect and disconnect N times. */
+static void
+run_cycles(const char *name, size_t max, int async, long n)
+{
+	long ok = 0, failed = 0, i;
+	int last = 0;
+
+	for (i = 0; i < n; i++) {
+		qb_ipcc_connection_t *c = connect_once(name, max, async);
+
+		if (c == NULL) {
+			failed++;
+			last = errno;
+		} else {
+			ok++;
+			qb_ipcc_disconnect(c);
+		}
+	}
+	printf("CYCLES ok=%ld fail=%ld errno=%d\n", ok, failed, last);
+}
+
 static void
 setup_logging(void)
 {
@@ -793,7 +891,7 @@ int
 main(int argc, char **argv)
 {
 	const char *name;
-	long max = 65536, fcmax = -1;
+	long max = 65536, fcmax = -1, async = 0, cycles = 0;
 	size_t nsteps, i;
 	int first = 2;
 	int32_t rc;
@@ -809,6 +907,14 @@ main(int argc, char **argv)
 	while (first + 1 < argc && argv[first][0] == '-') {
 		if (strcmp(argv[first], "--max") == 0) {
 			if (parse_long(argv[first + 1], 1, INT32_MAX, &max) != 0) {
+				usage();
+			}
+		} else if (strcmp(argv[first], "--async") == 0) {
+			if (parse_long(argv[first + 1], 0, 1, &async) != 0) {
+				usage();
+			}
+		} else if (strcmp(argv[first], "--cycles") == 0) {
+			if (parse_long(argv[first + 1], 0, INT32_MAX, &cycles) != 0) {
 				usage();
 			}
 		} else if (strcmp(argv[first], "--fcmax") == 0) {
@@ -830,7 +936,14 @@ main(int argc, char **argv)
 		return 1;
 	}
 
-	conn = qb_ipcc_connect(name, (size_t)max);
+	if (cycles > 0) {
+		run_cycles(name, (size_t)max, (int)async, cycles);
+		if (nsteps == 0) {
+			cleanup();
+			return 0;
+		}
+	}
+	conn = connect_once(name, (size_t)max, (int)async);
 	if (conn == NULL) {
 		printf("CONNECT_FAIL %d\n", errno);
 		cleanup();

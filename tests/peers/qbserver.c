@@ -7,6 +7,7 @@
  * Usage:
  *   qbserver NAME [--transport socket|shm] [--enforce BYTES]
  *                 [--refuse ERRNO] [--auth UID:GID:MODE]
+ *                 [--event-on-created 1]
  *
  * Every line written to stdout is a protocol line that the tests parse
  * (READY, ACCEPT, REFUSE, CREATED, CLOSED, DESTROYED, FCON, FCOFF, KICK,
@@ -16,7 +17,11 @@
  * Request ids understood by msg_process (payload integers are uint32 LE):
  *   0 echo              1 COUNT SIZE: send events   2/3 MS: flow control
  *   4 server disconnect 5 die in the handler        6 N: events then response
- *   7 oversize event probe
+ *   7 oversize event probe                          8 answered by an event only
+ *   9 bulk: oversize try, 1 event, queue lengths (BULKQUEUE), response,
+ *     9 more events
+ *   10 MS: a high-priority self-feeding job runs for MS milliseconds
+ *   11 held: never answered
  *  20 CLEAR: this connection's qb_ipcs_connection_stats_2, cleared after
  *     reading when CLEAR is non-zero: nine u64 LE fields in the struct's
  *     order (client_pid, requests, responses, events, send_retries,
@@ -24,6 +29,8 @@
  *  21 CLEAR: qb_ipcs_stats_get: two u64 (active, closed connections)
  *  22 RATE: qb_ipcs_request_rate_limit(service, RATE), kept until changed
  *                                                   * anything else: -EINVAL
+ * With --event-on-created 1 every new connection first gets a header-only
+ * event id 12 from inside connection_created.
  * Events go out with a 20 s retry budget while the client's queue is full;
  * if it runs out, EVENTFAIL <rc> is printed and the response carries
  * error = rc and (id 1) the number of events actually sent.  Event sizes
@@ -35,6 +42,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,10 +68,18 @@ enum {
 	MSG_DIE = 5,
 	MSG_EVENTS_THEN_RESPONSE = 6,
 	MSG_OVERSIZE_EVENT = 7,
+	MSG_DISPATCH = 8,
+	MSG_BULK = 9,
+	MSG_SELF_FEED = 10,
+	MSG_HOLD = 11,
+	EVENT_ON_CREATED = 12,
 	MSG_CONN_STATS = 20,
 	MSG_SERVICE_STATS = 21,
 	MSG_RATE = 22,
 };
+
+/* libqb's bulk-events case: one event before the response, nine after. */
+#define BULK_EVENTS 10
 
 /* How long the event senders keep retrying a full event queue. */
 #define EVENT_RETRY_LIMIT_NS (20ULL * 1000000000ULL)
@@ -79,6 +95,7 @@ struct options {
 	uid_t auth_uid;
 	gid_t auth_gid;
 	mode_t auth_mode;
+	int event_on_created;
 };
 
 /*
@@ -104,7 +121,8 @@ usage(void)
 {
 	fprintf(stderr,
 		"usage: qbserver NAME [--transport socket|shm] [--enforce BYTES]\n"
-		"                     [--refuse ERRNO] [--auth UID:GID:MODE]\n");
+		"                     [--refuse ERRNO] [--auth UID:GID:MODE]\n"
+		"                     [--event-on-created 1]\n");
 	exit(64);
 }
 
@@ -186,6 +204,11 @@ parse_args(int argc, char **argv)
 				usage();
 			}
 			opts.refuse = (int)v;
+		} else if (strcmp(opt, "--event-on-created") == 0) {
+			if (parse_ulong(arg, 10, 1, &v) != 0) {
+				usage();
+			}
+			opts.event_on_created = (int)v;
 		} else if (strcmp(opt, "--auth") == 0) {
 			if (parse_auth(arg) != 0) {
 				usage();
@@ -568,6 +591,160 @@ handle_rate(qb_ipcs_connection_t *c, const uint8_t *payload, size_t len)
 	printf("RATE %u\n", rate);
 }
 
+/* A header-only event: the DISPATCH answer and the created-time event. */
+static ssize_t
+send_bare_event(qb_ipcs_connection_t *c, int32_t id)
+{
+	struct qb_ipc_response_header hdr;
+
+	memset(&hdr, 0, sizeof(hdr));
+	hdr.id = id;
+	hdr.size = (int32_t)sizeof(hdr);
+	return qb_ipcs_event_send(c, &hdr, sizeof(hdr));
+}
+
+static int32_t
+event_queue_length(qb_ipcs_connection_t *c, uint32_t *out)
+{
+	struct qb_ipcs_connection_stats_2 *st;
+
+	st = qb_ipcs_connection_stats_get_2(c, QB_FALSE);
+	if (st == NULL) {
+		return -errno;
+	}
+	*out = st->event_q_length;
+	free(st);
+	return 0;
+}
+
+/*
+ * libqb's BULK_EVENTS reaction: a 10x oversize event must be refused, one
+ * event must raise the queue length by one, then the response, then nine
+ * more events.  The response's error says which check failed (0: none).
+ */
+static void
+handle_bulk(qb_ipcs_connection_t *c)
+{
+	struct qb_ipc_response_header *big;
+	int32_t bufsize = qb_ipcs_connection_get_buffer_size(c);
+	uint64_t deadline = monotonic_ns() + EVENT_RETRY_LIMIT_NS;
+	struct iovec iov;
+	uint32_t before = 0, after = 0;
+	int32_t error = 0;
+	ssize_t rc;
+	int i;
+
+	big = calloc(1, (size_t)bufsize * 10);
+	if (big == NULL) {
+		send_response(c, MSG_BULK, -ENOMEM, NULL, 0);
+		return;
+	}
+	big->id = MSG_BULK;
+	big->size = bufsize * 10;
+	rc = qb_ipcs_event_send(c, big, (size_t)bufsize * 10);
+	free(big);
+	if (rc != -EMSGSIZE) {
+		printf("BULKFAIL oversize %zd\n", rc);
+		error = -EPROTO;
+	}
+	/*
+	 * A client that reads events while it waits for the response (txqb
+	 * does) may take the event between the two counts, so the queue
+	 * lengths are reported, not judged.
+	 */
+	if (event_queue_length(c, &before) != 0 ||
+	    send_bare_event(c, MSG_BULK) < 0 ||
+	    event_queue_length(c, &after) != 0) {
+		printf("BULKFAIL queue\n");
+		error = -EPROTO;
+	}
+	printf("BULKQUEUE %" PRIu32 " %" PRIu32 "\n", before, after);
+	send_response(c, MSG_BULK, error, NULL, 0);
+	for (i = 1; i < BULK_EVENTS; i++) {
+		struct qb_ipc_response_header hdr;
+
+		memset(&hdr, 0, sizeof(hdr));
+		hdr.id = MSG_BULK;
+		hdr.size = (int32_t)sizeof(hdr);
+		iov.iov_base = &hdr;
+		iov.iov_len = sizeof(hdr);
+		rc = send_event_retrying(c, &iov, 1, deadline);
+		if (rc < 0) {
+			printf("EVENTFAIL %zd\n", rc);
+			return;
+		}
+	}
+}
+
+/*
+ * The starvation generator of libqb's prio-deadlock cases: a pipe whose
+ * reader, at high priority, always writes the next byte, so it is ready
+ * on every loop iteration.  The service is dropped to low priority
+ * (QB_IPCS_RATE_SLOW); new connections must still be accepted.
+ */
+static int feed_pipe[2] = {-1, -1};
+static uint64_t feed_deadline_ns;
+static unsigned long feed_rounds;
+
+static void
+feed_stop(void)
+{
+	(void)qb_loop_poll_del(loop, feed_pipe[0]);
+	close(feed_pipe[0]);
+	close(feed_pipe[1]);
+	feed_pipe[0] = feed_pipe[1] = -1;
+	if (service != NULL) {
+		qb_ipcs_request_rate_limit(service, QB_IPCS_RATE_NORMAL);
+	}
+	printf("FEEDEND %lu\n", feed_rounds);
+}
+
+static int32_t
+feed_dispatch(int32_t fd, int32_t revents, void *data)
+{
+	char byte;
+
+	(void)revents;
+	(void)data;
+	if (read(fd, &byte, 1) != 1 || monotonic_ns() >= feed_deadline_ns) {
+		feed_stop();
+		return -1;	/* tells qb_loop the source is gone */
+	}
+	feed_rounds++;
+	if (write(feed_pipe[1], &byte, 1) != 1) {
+		feed_stop();
+		return -1;
+	}
+	return 0;
+}
+
+static void
+handle_self_feed(qb_ipcs_connection_t *c, const uint8_t *payload, size_t len)
+{
+	char byte = 'x';
+
+	if (len < 4 || feed_pipe[0] != -1) {
+		send_response(c, MSG_SELF_FEED, len < 4 ? -EINVAL : -EBUSY, NULL, 0);
+		return;
+	}
+	if (pipe(feed_pipe) != 0) {
+		send_response(c, MSG_SELF_FEED, -errno, NULL, 0);
+		return;
+	}
+	feed_deadline_ns = monotonic_ns() + (uint64_t)get_le32(payload) * 1000000ULL;
+	feed_rounds = 0;
+	qb_ipcs_request_rate_limit(service, QB_IPCS_RATE_SLOW);
+	if (qb_loop_poll_add(loop, QB_LOOP_HIGH, feed_pipe[0], POLLIN, NULL,
+			     feed_dispatch) != 0 ||
+	    write(feed_pipe[1], &byte, 1) != 1) {
+		feed_stop();
+		send_response(c, MSG_SELF_FEED, -EIO, NULL, 0);
+		return;
+	}
+	printf("FEEDING\n");
+	send_response(c, MSG_SELF_FEED, 0, NULL, 0);
+}
+
 /*
  * Calling qb_ipcs_disconnect() from inside msg_process is unsafe in libqb
  * 2.0.6: it drops the last reference and frees the connection, and the
@@ -633,6 +810,9 @@ on_created(qb_ipcs_connection_t *c)
 	}
 	qb_ipcs_context_set(c, pc);
 	printf("CREATED %ld\n", client_pid(c));
+	if (opts.event_on_created) {
+		printf("CREATEDEVENT %zd\n", send_bare_event(c, EVENT_ON_CREATED));
+	}
 }
 
 static int32_t
@@ -708,6 +888,20 @@ on_msg(qb_ipcs_connection_t *c, void *data, size_t size)
 	case MSG_RATE:
 		handle_rate(c, payload, len);
 		break;
+	case MSG_DISPATCH:
+		if (send_bare_event(c, MSG_DISPATCH) < 0) {
+			printf("EVENTFAIL dispatch\n");
+		}
+		break;
+	case MSG_BULK:
+		handle_bulk(c);
+		break;
+	case MSG_SELF_FEED:
+		handle_self_feed(c, payload, len);
+		break;
+	case MSG_HOLD:
+		printf("HOLDING\n");
+		break;
 	default:
 		send_response(c, req->id, -EINVAL, NULL, 0);
 		break;
@@ -729,6 +923,9 @@ on_terminate(int32_t sig, void *data)
 	if (fc_timer_armed) {
 		(void)qb_loop_timer_del(loop, fc_timer);
 		fc_timer_armed = 0;
+	}
+	if (feed_pipe[0] != -1) {
+		feed_stop();
 	}
 	if (service != NULL) {
 		qb_ipcs_destroy(service);

@@ -134,25 +134,40 @@ class SharedRing:
         self._views = []
 
 
-def removeIfOrphaned(names: Tuple[str, ...]) -> None:
+def _isZombie(pid: int) -> bool:
+    # A killed server is a zombie until its parent reaps it, which may be
+    # after the client noticed: it will never touch its files again.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def removeIfOrphaned(names: Tuple[str, ...]) -> bool:
     """
     After a server died, remove the ring files it can no longer remove,
     as libqb's client does.  Only files inside a ``qb-*`` directory of
     /dev/shm are touched, and only when that directory's owner process
     (the server pid in its name) is gone.
+
+    @return: False while that process still lives, True otherwise.
     """
     directory = os.path.dirname(names[0])
     base = os.path.basename(directory)
     if os.path.dirname(directory) != SHM_DIR or not base.startswith("qb-"):
-        return
+        return True
     try:
         serverPid = int(base.split("-")[1])
+        if serverPid == os.getpid():
+            return True  # our own server tidies its files
         os.kill(serverPid, 0)
-        return
+        if not _isZombie(serverPid):
+            return False
     except (ValueError, IndexError):
-        return
+        return True
     except PermissionError:
-        return
+        return True
     except ProcessLookupError:
         pass
     for name in names:
@@ -165,6 +180,7 @@ def removeIfOrphaned(names: Tuple[str, ...]) -> None:
         os.rmdir(directory)
     except OSError:
         pass
+    return True
 
 
 def removeControlFile(path: str) -> None:

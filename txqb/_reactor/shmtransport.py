@@ -41,6 +41,9 @@ GIL and a core).
 
 _RETRY_FIRST = 0.0005
 _RETRY_MAX = 0.02
+# How often and how long a client looks for a dead server's files (0.2 s).
+_ORPHAN_CHECKS = 10
+_ORPHAN_CHECK_INTERVAL = 0.02
 
 
 def _deliver(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None]) -> None:
@@ -347,6 +350,7 @@ class ClientShmChannels:
         self._eventDelivering = False
         self._drainCall: Optional[IDelayedCall] = None
         self.closed = False
+        self._serverGone = False
         self._requests = _RingWriter(reactor, self._request.ring, self._ringDoorbell)
         self._waiter = _ResponseWaiter(
             reactor, self._response.semaphore, self._responseCounted, self._waiterExited
@@ -419,6 +423,7 @@ class ClientShmChannels:
         hold counts whose deliveries are still on their way to the reactor
         (they are dropped once the connection is closed).
         """
+        self._serverGone = True
         self.drainEvents()
         ring = self._response.ring
         while not self.closed and ring.committedAhead():
@@ -458,4 +463,12 @@ class ClientShmChannels:
         rings, self._rings = self._rings, []
         for ring in rings:
             ring.detach()
-        _removeIfOrphaned(self._names)
+        self._tidy(_ORPHAN_CHECKS)
+
+    def _tidy(self, checks: int) -> None:
+        # A killed server's sockets close before its process is gone, so
+        # the client may look too early: look again a few times, as
+        # libqb's client does.
+        if not _removeIfOrphaned(self._names) and self._serverGone and checks > 1:
+            self._reactor.callLater(_ORPHAN_CHECK_INTERVAL, self._tidy, checks - 1)
+
