@@ -158,6 +158,48 @@ class SharedRing:
         self._views = []
 
 
+class _Doorbell:
+    """
+    One byte on the setup socket per committed chunk, batched: the first
+    chunk of a reactor turn rings at once (a waiting peer wakes without
+    delay), the rest of that turn's bytes go out together in one send at
+    the end of the turn (a burst costs one system call, not one each).
+    Every chunk still gets exactly one byte, after its post.
+    """
+
+    def __init__(self, clock: IReactorTime, setup: ITransport, byte: bytes) -> None:
+        self._clock = clock
+        self._send: Callable[[bytes], None] = getattr(setup, "writeNow", setup.write)
+        self._byte = byte
+        self._held = 0
+        self._call: Optional[IDelayedCall] = None
+
+    BATCH = 64
+    """Held bytes that go out at once, so a long turn keeps the peer busy."""
+
+    def ring(self) -> None:
+        if self._call is None:
+            self._send(self._byte)
+            self._call = self._clock.callLater(0, self._flush)
+        else:
+            self._held += 1
+            if self._held >= self.BATCH:
+                self._held = 0
+                self._send(self._byte * self.BATCH)
+
+    def _flush(self) -> None:
+        self._call = None
+        if self._held:
+            held, self._held = self._held, 0
+            self._send(self._byte * held)
+
+    def close(self) -> None:
+        """Ring what is held (the chunks are committed), stop the timer."""
+        if self._call is not None:
+            self._call.cancel()
+            self._flush()
+
+
 class _RingWriter:
     """
     Writes chunks into a ring; when it is full, keeps them in order and
@@ -255,15 +297,11 @@ class ServerShmChannels:
         self._drainCall: Optional[IDelayedCall] = None
         self.doorbells = 0
         self.chunks = 0
+        self._doorbell = _Doorbell(reactor, setup, b"\0")
         self._responses = _RingWriter(reactor, response.ring, _nothing)
-        self._events = _RingWriter(reactor, event.ring, self._ringDoorbell)
+        self._events = _RingWriter(reactor, event.ring, self._doorbell.ring)
         self._eventRing = event
         self.strings = tuple(names)
-
-    def _ringDoorbell(self) -> None:
-        # One byte per event, after the post; Twisted's write buffer keeps
-        # the bytes the socket cannot take yet and sends many at once.
-        self._setup.write(b"\0")
 
     def startReading(self) -> None:
         """Process requests (again), including those already announced."""
@@ -287,11 +325,11 @@ class ServerShmChannels:
         ring = self._request.ring
         while self._reading and self._rings:
             try:
-                chunk = ring.read()
+                chunk = ring.readOrNone()
             except RingError as e:
-                if e.errno == errno.EAGAIN:
-                    return
                 self._onError(OSError(e.errno, f"request ring: {e}"))
+                return
+            if chunk is None:
                 return
             self.chunks += 1
             self._onRequest(chunk)
@@ -322,6 +360,7 @@ class ServerShmChannels:
         error = reason or OSError(errno.ENOTCONN, "connection closed")
         self._responses.close(error)
         self._events.close(error)
+        self._doorbell.close()
         rings, self._rings = self._rings, []
         for ring in rings:
             ring.close()
@@ -345,7 +384,7 @@ class _ResponseWaiter(threading.Thread):
     _SLICE = 0.2
 
     def __init__(self, reactor: Any, semaphore: SharedSemaphore,
-                 onResponse: Callable[[], None], onExit: Callable[[], None]) -> None:
+                 onResponse: Callable[[int], None], onExit: Callable[[], None]) -> None:
         super().__init__(name="txqb-shm-response", daemon=True)
         self._reactor = reactor
         self._semaphore = semaphore
@@ -366,14 +405,21 @@ class _ResponseWaiter(threading.Thread):
 
     def run(self) -> None:
         callFromThread = self._reactor.callFromThread
+        wanted = self.wanted
+        tryWait = self._semaphore.tryWait
         try:
             while not self.stopping:
-                if not self.wanted.wait(self._SLICE):
+                if not wanted.is_set() and not wanted.wait(self._SLICE):
                     continue
-                if self.stopping:
-                    break
-                if self._take() and not self.stopping:
-                    callFromThread(self._onResponse)
+                if self.stopping or not self._take():
+                    continue
+                # Take every count already there: one hand-over for a
+                # burst of pipelined responses, not one reactor turn each.
+                counted = 1
+                while tryWait():
+                    counted += 1
+                if not self.stopping:
+                    callFromThread(self._onResponse, counted)
         finally:
             # The maps may be closed only once this thread no longer
             # touches the semaphore: the reactor thread does it now.
@@ -413,22 +459,20 @@ class ClientShmChannels:
         self._eventsPaused = False
         self._drainCall: Optional[IDelayedCall] = None
         self.closed = False
-        self._requests = _RingWriter(reactor, self._request.ring, self._ringDoorbell)
+        # Exactly one byte per request, after the post: a C server reads as
+        # many bytes as it processed chunks and blocks until they come.
+        self._doorbell = _Doorbell(reactor, setup, b"\x18")
+        self._requests = _RingWriter(reactor, self._request.ring, self._doorbell.ring)
         self._waiter = _ResponseWaiter(
             reactor, self._response.semaphore, self._responseCounted, self._waiterExited
         )
         self._waiter.start()
 
-    def _ringDoorbell(self) -> None:
-        # Exactly one byte per request, after the post: a C server reads as
-        # many bytes as it processed chunks and blocks until they come.
-        self._setup.write(b"\x18")
-
     def flowControl(self) -> int:
         """The server's flow-control word (request ring user data)."""
         if self.closed:
             return 0
-        return loadInt(self._request.header, USER_DATA)
+        return self._request.ring.userWord()
 
     def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
         """Commit a request; waits (in order) while the ring is full."""
@@ -438,22 +482,39 @@ class ClientShmChannels:
 
     def awaiting(self, outstanding: bool) -> None:
         """Whether responses are outstanding: only then the waiter waits."""
+        wanted = self._waiter.wanted
         if outstanding:
-            self._waiter.wanted.set()
+            if not wanted.is_set():
+                wanted.set()
         else:
-            self._waiter.wanted.clear()
+            wanted.clear()
 
-    def _responseCounted(self) -> None:
-        if self.closed:
-            return
-        # Events committed before this response are delivered before it.
-        self.drainEvents()
-        try:
-            chunk = self._response.ring.read(counted=True)
-        except RingError as e:
-            self._onError(OSError(e.errno, f"response ring: {e}"))
-            return
-        self._onResponse(chunk)
+    def _responseCounted(self, counted: int) -> None:
+        """
+        Deliver the responses the waiter counted, then any that were
+        committed meanwhile: while this thread is running anyway, taking
+        a count here costs one ``sem_trywait``, where the waiter would
+        cost a thread hop (a GIL hand-over and a reactor wake-up) each.
+        Which thread took a count does not matter: chunks are read in
+        ring order, here.
+
+        The client drains the event ring before it takes each response,
+        so events committed before a response are delivered before it.
+        """
+        ring = self._response.ring
+        tryWait = self._response.semaphore.tryWait
+        wanted = self._waiter.wanted
+        while not self.closed:
+            if counted:
+                counted -= 1
+            elif not (wanted.is_set() and tryWait()):
+                return
+            try:
+                chunk = ring.read(counted=True)
+            except RingError as e:
+                self._onError(OSError(e.errno, f"response ring: {e}"))
+                return
+            self._onResponse(chunk)
 
     def setupBytesReceived(self, data: bytes) -> None:
         """Event doorbells: read the committed events."""
@@ -464,10 +525,11 @@ class ClientShmChannels:
         ring = self._event.ring
         while not self._eventsPaused and not self.closed:
             try:
-                chunk = ring.read()
+                chunk = ring.readOrNone()
             except RingError as e:
-                if e.errno != errno.EAGAIN:
-                    self._onError(OSError(e.errno, f"event ring: {e}"))
+                self._onError(OSError(e.errno, f"event ring: {e}"))
+                return
+            if chunk is None:
                 return
             self._onEvent(chunk)
 
@@ -510,6 +572,7 @@ class ClientShmChannels:
             self._drainCall.cancel()
             self._drainCall = None
         self._requests.close(reason or OSError(errno.ENOTCONN, "connection closed"))
+        self._doorbell.close()
         self._waiter.stopping = True
         self._waiter.wanted.set()
 
