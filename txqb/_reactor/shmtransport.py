@@ -48,9 +48,8 @@ __all__ = ["ServerShmChannels", "ClientShmChannels", "SharedRing"]
 RESPONSE_SPIN = 0.0
 """
 Seconds the response waiter polls ``sem_trywait`` before it blocks in
-``sem_timedwait``.  Off by default: bench/shm_wait.py measures the
-choice (a spinning Python thread competes with the reactor thread for the
-GIL and a core).
+``sem_timedwait``.  Off by default: a spinning Python thread competes with
+the reactor thread for the GIL and a core (see docs/performance.rst).
 """
 
 _RETRY_FIRST = 0.0005
@@ -162,10 +161,13 @@ class _Doorbell:
     """
     One byte on the setup socket per committed chunk, batched: the first
     chunk of a reactor turn rings at once (a waiting peer wakes without
-    delay), the rest of that turn's bytes go out together in one send at
-    the end of the turn (a burst costs one system call, not one each).
-    Every chunk still gets exactly one byte, after its post.
+    delay), the rest of that turn's bytes go out together at the end of
+    the turn, or every L{BATCH} chunks, so a burst costs a few system
+    calls, not one each.  Every chunk still gets exactly one byte, after
+    its post.
     """
+
+    BATCH = 64
 
     def __init__(self, clock: IReactorTime, setup: ITransport, byte: bytes) -> None:
         self._clock = clock
@@ -174,18 +176,15 @@ class _Doorbell:
         self._held = 0
         self._call: Optional[IDelayedCall] = None
 
-    BATCH = 64
-    """Held bytes that go out at once, so a long turn keeps the peer busy."""
-
     def ring(self) -> None:
         if self._call is None:
             self._send(self._byte)
             self._call = self._clock.callLater(0, self._flush)
-        else:
-            self._held += 1
-            if self._held >= self.BATCH:
-                self._held = 0
-                self._send(self._byte * self.BATCH)
+            return
+        self._held += 1
+        if self._held >= self.BATCH:
+            self._held = 0
+            self._send(self._byte * self.BATCH)
 
     def _flush(self) -> None:
         self._call = None
@@ -376,9 +375,17 @@ class _ResponseWaiter(threading.Thread):
 
     A libqb server posts no byte for a response, only the semaphore, which
     is a futex and cannot be polled.  This thread blocks in
-    ``sem_timedwait`` (ctypes releases the GIL) only while responses are
-    outstanding, and hands each count it takes to the reactor thread with
-    ``callFromThread``, which wakes the reactor through its waker fd.
+    ``sem_timedwait`` (ctypes releases the GIL) only while it is armed and
+    responses are outstanding, and hands the counts it takes to the
+    reactor thread with one ``callFromThread`` (which wakes the reactor
+    through its waker fd).
+
+    It disarms with each hand-over; the reactor thread takes any further
+    responses with ``sem_trywait`` while it runs, and re-arms this thread
+    only once it finds none.  So while responses stream in (pipelining)
+    nobody sleeps on the semaphore and the server's posts wake no thread:
+    each such wake-up costs a futex call in the server, a GIL hand-over
+    here and a reactor turn.
     """
 
     _SLICE = 0.2
@@ -390,9 +397,17 @@ class _ResponseWaiter(threading.Thread):
         self._semaphore = semaphore
         self._onResponse = onResponse
         self._onExit = onExit
-        self.wanted = threading.Event()
+        self._wake = threading.Event()
+        self.armed = False
+        self.outstanding = False
         self.stopping = False
         self.spin = RESPONSE_SPIN
+
+    def arm(self) -> None:
+        """Reactor thread: wait on the semaphore (again)."""
+        if not self.armed:
+            self.armed = True
+            self._wake.set()
 
     def _take(self) -> bool:
         if self.spin:
@@ -403,27 +418,42 @@ class _ResponseWaiter(threading.Thread):
                     return True
         return self._semaphore.timedWait(self._SLICE)
 
-    def run(self) -> None:
+    def _serve(self) -> None:
         callFromThread = self._reactor.callFromThread
-        wanted = self.wanted
         tryWait = self._semaphore.tryWait
+        while not self.stopping:
+            if not self.outstanding:
+                self.armed = False
+                # arm() may have run just before and found us armed.
+                if not self.outstanding:
+                    return
+                self.armed = True
+                continue
+            if not self._take():
+                continue
+            # Take every count already there: one hand-over for a burst.
+            counted = 1
+            while tryWait():
+                counted += 1
+            if self.stopping:
+                return
+            # Disarm before the hand-over: the reactor thread re-arms
+            # after it, once it finds no more responses.
+            self.armed = False
+            callFromThread(self._onResponse, counted)
+            return
+
+    def run(self) -> None:
         try:
             while not self.stopping:
-                if not wanted.is_set() and not wanted.wait(self._SLICE):
+                if not self._wake.wait(self._SLICE):
                     continue
-                if self.stopping or not self._take():
-                    continue
-                # Take every count already there: one hand-over for a
-                # burst of pipelined responses, not one reactor turn each.
-                counted = 1
-                while tryWait():
-                    counted += 1
-                if not self.stopping:
-                    callFromThread(self._onResponse, counted)
+                self._wake.clear()
+                self._serve()
         finally:
             # The maps may be closed only once this thread no longer
             # touches the semaphore: the reactor thread does it now.
-            callFromThread(self._onExit)
+            self._reactor.callFromThread(self._onExit)
 
 
 class ClientShmChannels:
@@ -482,12 +512,10 @@ class ClientShmChannels:
 
     def awaiting(self, outstanding: bool) -> None:
         """Whether responses are outstanding: only then the waiter waits."""
-        wanted = self._waiter.wanted
+        waiter = self._waiter
+        waiter.outstanding = outstanding
         if outstanding:
-            if not wanted.is_set():
-                wanted.set()
-        else:
-            wanted.clear()
+            waiter.arm()
 
     def _responseCounted(self, counted: int) -> None:
         """
@@ -503,18 +531,22 @@ class ClientShmChannels:
         """
         ring = self._response.ring
         tryWait = self._response.semaphore.tryWait
-        wanted = self._waiter.wanted
-        while not self.closed:
-            if counted:
-                counted -= 1
-            elif not (wanted.is_set() and tryWait()):
-                return
-            try:
-                chunk = ring.read(counted=True)
-            except RingError as e:
-                self._onError(OSError(e.errno, f"response ring: {e}"))
-                return
-            self._onResponse(chunk)
+        waiter = self._waiter
+        try:
+            while not self.closed:
+                if counted:
+                    counted -= 1
+                elif not waiter.outstanding or not tryWait():
+                    return
+                try:
+                    chunk = ring.read(counted=True)
+                except RingError as e:
+                    self._onError(OSError(e.errno, f"response ring: {e}"))
+                    return
+                self._onResponse(chunk)
+        finally:
+            if waiter.outstanding and not self.closed:
+                waiter.arm()
 
     def setupBytesReceived(self, data: bytes) -> None:
         """Event doorbells: read the committed events."""
@@ -574,7 +606,7 @@ class ClientShmChannels:
         self._requests.close(reason or OSError(errno.ENOTCONN, "connection closed"))
         self._doorbell.close()
         self._waiter.stopping = True
-        self._waiter.wanted.set()
+        self._waiter.arm()
 
     def _waiterExited(self) -> None:
         rings, self._rings = self._rings, []
@@ -583,12 +615,21 @@ class ClientShmChannels:
         _removeIfOrphaned(self._names)
 
 
+def _isZombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and only waits to be reaped (state Z)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _removeIfOrphaned(names: Tuple[str, ...]) -> None:
     """
     After a server died, remove the ring files it can no longer remove,
     as libqb's client does.  Only files inside a ``qb-*`` directory of
     /dev/shm are touched, and only when that directory's owner process
-    (the server pid in its name) is gone.
+    (the server pid in its name) is gone, or exited and not yet reaped.
     """
     directory = os.path.dirname(names[0])
     base = os.path.basename(directory)
@@ -597,7 +638,8 @@ def _removeIfOrphaned(names: Tuple[str, ...]) -> None:
     try:
         serverPid = int(base.split("-")[1])
         os.kill(serverPid, 0)
-        return
+        if not _isZombie(serverPid):
+            return
     except (ValueError, IndexError):
         return
     except PermissionError:
