@@ -31,12 +31,12 @@ W4_SIZE = 64
 
 # Messages per cell in a full run (each roughly half a second for txqb).
 COUNTS: Dict[str, Dict[int, int]] = {
-    "W1": {64: 20000, 1024: 20000, 65536: 4000, 1048576: 300},
-    "W1p": {64: 40000, 1024: 40000, 65536: 4000, 1048576: 300},
-    "W2": {64: 100000, 1024: 100000, 65536: 6000, 1048576: 400},
-    "W3": {64: 100000, 1024: 100000, 65536: 6000, 1048576: 400},
+    "W1": {64: 10000, 1024: 10000, 65536: 2000, 1048576: 150},
+    "W1p": {64: 20000, 1024: 20000, 65536: 2000, 1048576: 150},
+    "W2": {64: 50000, 1024: 50000, 65536: 3000, 1048576: 200},
+    "W3": {64: 50000, 1024: 50000, 65536: 3000, 1048576: 200},
 }
-W4_ROUNDS = 200
+W4_ROUNDS = 100
 W0_SHOTS = 10
 SMOKE_COUNTS = {64: 40, 1024: 40, 65536: 10, 1048576: 3}
 
@@ -296,11 +296,21 @@ def measure(rounds: int = 3, smoke: bool = False, clients: int = 100, shots: int
     prefix = prefix or f"txqbbench{os.getpid()}"
     raw: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = {}
     selected = [p for p in pairs() if not only or any(o in p.key for o in only)]
+    failures: List[str] = []
     for r in range(rounds):
         for i, pair in enumerate(selected):
             started = time.perf_counter()
-            for line in runPair(pair, prefix, f"r{r}p{i}", smoke, clients, shots, programs,
-                                runner):
+            try:
+                lines = runPair(pair, prefix, f"r{r}p{i}", smoke, clients, shots, programs, runner)
+            except BenchError as e:
+                # A smoke run must fail; a long run keeps the other pairs.
+                if smoke:
+                    raise
+                failures.append(f"round {r + 1} {pair.key}: {e}")
+                if log:
+                    print(f"round {r + 1}/{rounds} {pair.key}: FAILED {e}", file=log, flush=True)
+                continue
+            for line in lines:
                 if line["workload"] == "W4":
                     line["clients"] = clients
                 raw.setdefault((pair.key, line["workload"], line["size"]), []).append(line)
@@ -335,6 +345,7 @@ def measure(rounds: int = 3, smoke: bool = False, clients: int = 100, shots: int
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_before": os.getloadavg()},
         "cells": cells,
+        "failures": failures,
     }
 
 
@@ -402,4 +413,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.json.write_text(json.dumps(results, indent=1))
     if args.rst:
         args.rst.write_text(text + "\n")
-    return 0
+    for failure in results["failures"]:
+        print(f"bench: {failure}", file=sys.stderr)
+    return 1 if results["failures"] else 0

@@ -422,7 +422,8 @@ def serve(flavorName: str, address: str, transport: str) -> None:
         cls = AmpServer if flavorName == "amp" else Int32Server
         if os.path.exists(address):
             os.unlink(address)
-        UNIXServerEndpoint(reactor, address).listen(protocol.Factory.forProtocol(cls))
+        # W4 connects 100 clients at once: more than the default backlog of 50.
+        UNIXServerEndpoint(reactor, address, backlog=512).listen(protocol.Factory.forProtocol(cls))
     reactor.callWhenRunning(print, "READY", os.getpid(), flush=True)
     reactor.run()
 
