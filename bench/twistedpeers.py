@@ -231,13 +231,27 @@ class TxqbConn:
 
 
 class _StreamConn:
+    """A Twisted protocol over a unix stream socket; subclasses name it."""
+
     proto: Any
+    protocolClass: Any
 
     @classmethod
-    async def _connect(cls, factory: Any, address: str) -> Any:
+    async def open(cls, address: str, maxSize: int, windowBytes: int) -> Any:
         from twisted.internet.endpoints import UNIXClientEndpoint
 
-        return await UNIXClientEndpoint(reactor, address).connect(factory)
+        self = cls()
+        factory = protocol.Factory.forProtocol(cls.protocolClass)
+        self.proto = await UNIXClientEndpoint(reactor, address).connect(factory)
+        return self
+
+    @property
+    def onEvent(self) -> Any:
+        return self.proto.onEvent
+
+    @onEvent.setter
+    def onEvent(self, fn: Any) -> None:
+        self.proto.onEvent = fn
 
     def close(self) -> Any:
         self.proto.transport.loseConnection()
@@ -249,19 +263,7 @@ class _StreamConn:
 
 
 class AmpConn(_StreamConn):
-    @classmethod
-    async def open(cls, address: str, maxSize: int, windowBytes: int) -> AmpConn:
-        self = cls()
-        self.proto = await cls._connect(protocol.Factory.forProtocol(AmpClientProtocol), address)
-        return self
-
-    @property
-    def onEvent(self) -> Any:
-        return self.proto.onEvent
-
-    @onEvent.setter
-    def onEvent(self, fn: Any) -> None:
-        self.proto.onEvent = fn
+    protocolClass = AmpClientProtocol
 
     def request(self, msgId: int, data: bytes) -> Deferred[Any]:
         if msgId == ECHO:
@@ -280,19 +282,7 @@ class AmpConn(_StreamConn):
 class Int32Conn(_StreamConn):
     _kinds = {ECHO: _I_ECHO, STATS: _I_STATS, EVENTS: _I_EVENTS, SINK: _I_SINK}
 
-    @classmethod
-    async def open(cls, address: str, maxSize: int, windowBytes: int) -> Int32Conn:
-        self = cls()
-        self.proto = await cls._connect(protocol.Factory.forProtocol(Int32Client), address)
-        return self
-
-    @property
-    def onEvent(self) -> Any:
-        return self.proto.onEvent
-
-    @onEvent.setter
-    def onEvent(self, fn: Any) -> None:
-        self.proto.onEvent = fn
+    protocolClass = Int32Client
 
     def request(self, msgId: int, data: bytes) -> Deferred[bytes]:
         d: Deferred[bytes] = Deferred()

@@ -231,6 +231,13 @@ class _RingWriter:
             self._call = self._clock.callLater(self._delay, self._retry)
         return d
 
+    def kick(self) -> None:
+        """The reader has just taken something: retry the queue now."""
+        if self._queue and self._call is not None:
+            self._call.cancel()
+            self._delay = _RETRY_FIRST
+            self._retry()
+
     def _retry(self) -> None:
         self._call = None
         while self._queue:
@@ -316,6 +323,9 @@ class ServerShmChannels:
     def setupBytesReceived(self, data: bytes) -> None:
         """Request doorbells: count them and read what is committed."""
         self.doorbells += len(data)
+        # A client that sends has likely read: retry full rings now.
+        self._responses.kick()
+        self._events.kick()
         if self._reading:
             self._drain()
 
@@ -545,8 +555,11 @@ class ClientShmChannels:
                     return
                 self._onResponse(chunk)
         finally:
-            if waiter.outstanding and not self.closed:
-                waiter.arm()
+            if not self.closed:
+                # The server took requests to answer these: room, maybe.
+                self._requests.kick()
+                if waiter.outstanding:
+                    waiter.arm()
 
     def setupBytesReceived(self, data: bytes) -> None:
         """Event doorbells: read the committed events."""
