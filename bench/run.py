@@ -292,6 +292,7 @@ def measure(rounds: int = 3, smoke: bool = False, clients: int = 100, shots: int
             prefix: str = "", only: Optional[List[str]] = None,
             runner: Optional[str] = None, log: Any = None) -> Dict[str, Any]:
     """Run everything; the results as a JSON-able dict (see docs/performance.rst)."""
+    loadBefore = os.getloadavg()
     programs = buildC()
     prefix = prefix or f"txqbbench{os.getpid()}"
     raw: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = {}
@@ -343,7 +344,7 @@ def measure(rounds: int = 3, smoke: bool = False, clients: int = 100, shots: int
         "smoke": smoke,
         "clients": clients,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "load_before": os.getloadavg()},
+                    "load_before": loadBefore},
         "cells": cells,
         "failures": failures,
     }
