@@ -135,3 +135,25 @@ async def test_clientZeroCopy(reactor: Any, serviceName: str, transport: str, cp
         await client.disconnect()
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_clientZeroCopyBackToBack(
+    reactor: Any, serviceName: str, transport: str, cpeers: Peers
+) -> None:
+    """
+    Large requests sent from the code a zero-copy response resumes wait
+    until that response's room in the ring is given back: a C libqb server
+    answering into a ring still holding the previous response would find
+    no room and drop the answer.
+    """
+    server = await CServer(reactor, cpeers, serviceName, "--transport", transport).start()
+    try:
+        client = await txqb.connect(reactor, serviceName, maxMessageSize=300_000, zeroCopy=True)
+        big = bytes(range(256)) * 1000
+        for n in range(20):
+            reply = await client.request(0, big[n:], timeout=10)
+            assert bytes(reply.payload) == big[n:]
+        await client.disconnect()
+    finally:
+        await server.stop()

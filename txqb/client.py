@@ -218,7 +218,8 @@ class Client:
         self.maxMessageSize = response.maxMessageSize
         self.transportType = response.transport
         self.fcEnableMax = fcEnableMax
-        self.zeroCopy = False
+        self._zeroCopy = False
+        self._deliveringInPlace = False
         self._receiveSize = self.maxMessageSize + RESPONSE_SLACK
         self._eventCallback = eventReceived
         self._stream: Optional[EventStream] = None
@@ -314,6 +315,20 @@ class Client:
         """
         return self._submit(msgId, payload, expectsReply=False)
 
+    @property
+    def zeroCopy(self) -> bool:
+        """
+        Whether responses and event callbacks get their payload as a view
+        into the ring or the receive buffer (see L{connect}'s C{zeroCopy}).
+        """
+        return self._zeroCopy
+
+    @zeroCopy.setter
+    def zeroCopy(self, value: bool) -> None:
+        self._zeroCopy = bool(value)
+        if isinstance(self._channels, ClientShmChannels):
+            self._channels.inPlace = self._zeroCopy
+
     def stats(self, clearAfterRead: bool = False) -> ClientStats:
         """
         A snapshot of the client's counters.
@@ -397,7 +412,7 @@ class Client:
             or self._inFlightBytes >= self.maxInFlightBytes
         ):
             return False
-        return not self._flowControlled()
+        return not self._deliveringInPlace and not self._flowControlled()
 
     def _transmit(self, item: _Outgoing) -> None:
         try:
@@ -464,6 +479,21 @@ class Client:
     # Receiving
 
     def _responseReceived(self, data: Buffer) -> None:
+        if not self._zeroCopy:
+            self._takeResponse(data)
+            return
+        # While the data is a view into the response ring, requests wait
+        # (the pump runs on the next turn, once the ring has its room back):
+        # a C server drops a response it finds no room for.
+        self._deliveringInPlace = True
+        try:
+            self._takeResponse(data)
+        finally:
+            self._deliveringInPlace = False
+        if self._blocked and self._fcCall is None:
+            self._fcCall = self._clock.callLater(0, self._pump)
+
+    def _takeResponse(self, data: Buffer) -> None:
         self._channels.drainEvents()
         try:
             waiter = self._replies.pop()
@@ -479,18 +509,20 @@ class Client:
         if waiter is None:
             return
         try:
-            message = decodeResponse(data, self._receiveSize, copy=not self.zeroCopy)
+            message = decodeResponse(data, self._receiveSize, copy=not self._zeroCopy)
         except MalformedMessage as e:
             waiter.errback(ProtocolError(f"malformed response: {e.reason}", e.errno))
             return
-        waiter.callback(message)
-        if self.zeroCopy:
-            view: Any = message.payload
-            view.release()
+        try:
+            waiter.callback(message)
+        finally:
+            if self._zeroCopy:
+                view: Any = message.payload
+                view.release()
 
     def _eventReceived(self, data: Buffer) -> None:
         try:
-            event = decodeResponse(data, self._receiveSize, copy=not self.zeroCopy)
+            event = decodeResponse(data, self._receiveSize, copy=not self._zeroCopy)
         except MalformedMessage as e:
             log.error("{c!r}: dropping a malformed event: {why}", c=self, why=e.reason)
             return
@@ -500,7 +532,7 @@ class Client:
                 self._eventCallback(event)
             except Exception:
                 log.failure("{c!r}: event callback failed", c=self)
-        if self.zeroCopy:
+        if self._zeroCopy:
             if self._stream is not None:
                 # The stream keeps events until they are consumed.
                 self._stream._deliver(Message(event.id, event.error, bytes(event.payload)))

@@ -6,8 +6,13 @@ libqb's rings count committed chunks in a ``sem_t`` embedded in the ring
 header.  Python cannot perform the atomic read-modify-write the count
 needs, so txqb calls glibc's own ``sem_post``/``sem_trywait``/
 ``sem_timedwait``/``sem_getvalue``/``sem_init`` on the address inside the
-mmap.  ctypes releases the GIL during each call, so a blocking
-``sem_timedwait`` in a waiter thread does not stall the reactor thread.
+mmap.
+
+Only the blocking ``sem_timedwait`` releases the GIL (so a waiter thread
+does not stall the reactor thread).  The others never block and keep it
+(``ctypes.PyDLL``): releasing it around a sub-microsecond call would hand
+it to any thread waiting for it, and the caller would then wait to get it
+back, several microseconds per message under load.
 """
 
 from __future__ import annotations
@@ -25,25 +30,29 @@ SEM_SIZE = 32
 """``sizeof(sem_t)`` on x86-64 glibc."""
 
 
-def _loadLibc() -> ctypes.CDLL:
+def _loadLibc(keepGil: bool) -> ctypes.CDLL:
     # glibc's soname first: importing ctypes.util (for find_library) costs
     # more than a short-lived client's whole request.
+    kind = ctypes.PyDLL if keepGil else ctypes.CDLL
     try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
+        return kind("libc.so.6", use_errno=True)
     except OSError:
         from ctypes.util import find_library
 
-        return ctypes.CDLL(find_library("c"), use_errno=True)
+        return kind(find_library("c"), use_errno=True)
 
 
-_libc = _loadLibc()
-for _name in ("sem_post", "sem_trywait", "sem_getvalue", "sem_init", "sem_timedwait", "sem_destroy"):
-    getattr(_libc, _name).restype = ctypes.c_int
-_libc.sem_post.argtypes = [ctypes.c_void_p]
-_libc.sem_trywait.argtypes = [ctypes.c_void_p]
-_libc.sem_destroy.argtypes = [ctypes.c_void_p]
-_libc.sem_getvalue.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
-_libc.sem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+_libc = _loadLibc(False)
+_libcKeepingGil = _loadLibc(True)
+for _lib in (_libc, _libcKeepingGil):
+    for _name in ("sem_post", "sem_trywait", "sem_getvalue", "sem_init", "sem_timedwait",
+                  "sem_destroy"):
+        getattr(_lib, _name).restype = ctypes.c_int
+    _lib.sem_post.argtypes = [ctypes.c_void_p]
+    _lib.sem_trywait.argtypes = [ctypes.c_void_p]
+    _lib.sem_destroy.argtypes = [ctypes.c_void_p]
+    _lib.sem_getvalue.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+    _lib.sem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
 
 
 class _Timespec(ctypes.Structure):
@@ -51,6 +60,10 @@ class _Timespec(ctypes.Structure):
 
 
 _libc.sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
+_post = _libcKeepingGil.sem_post
+_tryWait = _libcKeepingGil.sem_trywait
+_getValue = _libcKeepingGil.sem_getvalue
+_timedWait = _libc.sem_timedwait
 
 
 def _raise(what: str) -> None:
@@ -73,6 +86,11 @@ class SharedSemaphore:
             buffer, offset
         )
         self._address = ctypes.addressof(self._anchor)
+        # A ready-made pointer argument: ctypes passes it as is, where an
+        # int would be converted on every call (these run per message).
+        self._pointer: Optional[ctypes.c_void_p] = ctypes.c_void_p(self._address)
+        self._timespec = _Timespec()
+        self._value = ctypes.c_int()
 
     def initialize(self) -> None:
         """``sem_init(pshared=1, 0)``: a zeroed ``sem_t`` is process-private and loses wake-ups."""
@@ -81,23 +99,26 @@ class SharedSemaphore:
 
     def post(self) -> None:
         """Add one to the count, waking one waiter."""
-        if _libc.sem_post(self._address) != 0:
+        if _post(self._pointer) != 0:
             _raise("sem_post")
 
     def tryWait(self) -> bool:
         """Take one from the count if it is positive; never blocks."""
-        while _libc.sem_trywait(self._address) != 0:
+        if _tryWait(self._pointer) == 0:
+            return True
+        while True:
             code = ctypes.get_errno()
             if code == errno.EAGAIN:
                 return False
             if code != errno.EINTR:
                 _raise("sem_trywait")
-        return True
+            if _tryWait(self._pointer) == 0:
+                return True
 
     def value(self) -> int:
         """The current count."""
-        result = ctypes.c_int()
-        if _libc.sem_getvalue(self._address, ctypes.byref(result)) != 0:
+        result = self._value
+        if _getValue(self._pointer, result) != 0:
             _raise("sem_getvalue")
         return max(result.value, 0)
 
@@ -107,8 +128,10 @@ class SharedSemaphore:
         only from a thread other than the reactor's.
         """
         deadline = time.time() + seconds
-        spec = _Timespec(int(deadline), int((deadline % 1) * 1e9))
-        while _libc.sem_timedwait(self._address, ctypes.byref(spec)) != 0:
+        spec = self._timespec
+        spec.tv_sec = int(deadline)
+        spec.tv_nsec = int((deadline % 1) * 1e9)
+        while _timedWait(self._pointer, spec) != 0:
             code = ctypes.get_errno()
             if code == errno.ETIMEDOUT:
                 return False
@@ -120,3 +143,4 @@ class SharedSemaphore:
         """Drop the pointer into the mapping so that it can be closed."""
         self._anchor = None
         self._address = 0
+        self._pointer = None

@@ -27,16 +27,15 @@ from txqb._posix.shmring import removeIfOrphaned as _removeIfOrphaned
 from txqb._wire.handshake import TRANSPORT_SHM
 from txqb._wire.headers import Buffer
 from txqb._wire.naming import shmNames
-from txqb._wire.ring import USER_DATA, Ring, RingError, loadInt, storeWord
+from txqb._wire.ring import USER_DATA, Ring, RingError, storeWord
 
 __all__ = ["ServerShmChannels", "ClientShmChannels", "SharedRing"]
 
 RESPONSE_SPIN = 0.0
 """
 Seconds the response waiter polls ``sem_trywait`` before it blocks in
-``sem_timedwait``.  Off by default: bench/shm_wait.py measures the
-choice (a spinning Python thread competes with the reactor thread for the
-GIL and a core).
+``sem_timedwait``.  Off by default: a spinning Python thread competes with
+the reactor thread for the GIL and a core (see docs/performance.rst).
 """
 
 _RETRY_FIRST = 0.0005
@@ -44,6 +43,24 @@ _RETRY_MAX = 0.02
 # How often and how long a client looks for a dead server's files (0.2 s).
 _ORPHAN_CHECKS = 10
 _ORPHAN_CHECK_INTERVAL = 0.02
+
+
+def _take(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None], inPlace: bool) -> None:
+    """
+    Hand a peeked chunk over: in place (see L{_deliver}), or copied out and
+    its room given back first, so that the receiver, which may send at
+    once, finds the ring as free as it can be.  A C server drops a
+    response it has no room for, so a client's response ring must not
+    hold a delivered chunk any longer than needed.
+    """
+    if inPlace:
+        _deliver(ring, chunk, receiver)
+        return
+    copy = bytes(chunk)
+    if isinstance(chunk, memoryview):
+        chunk.release()
+    ring.reclaim()
+    receiver(copy)
 
 
 def _deliver(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None]) -> None:
@@ -58,6 +75,48 @@ def _deliver(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None]) -> N
         if isinstance(chunk, memoryview):
             chunk.release()
     ring.reclaim()
+
+
+class _Doorbell:
+    """
+    One byte on the setup socket per committed chunk, batched: the first
+    chunk of a reactor turn rings at once (a waiting peer wakes without
+    delay), the rest of that turn's bytes go out together at the end of
+    the turn, or every L{BATCH} chunks, so a burst costs a few system
+    calls, not one each.  Every chunk still gets exactly one byte, after
+    its post.
+    """
+
+    BATCH = 64
+
+    def __init__(self, clock: IReactorTime, setup: ITransport, byte: bytes) -> None:
+        self._clock = clock
+        self._send: Callable[[bytes], None] = getattr(setup, "writeNow", setup.write)
+        self._byte = byte
+        self._held = 0
+        self._call: Optional[IDelayedCall] = None
+
+    def ring(self) -> None:
+        if self._call is None:
+            self._send(self._byte)
+            self._call = self._clock.callLater(0, self._flush)
+            return
+        self._held += 1
+        if self._held >= self.BATCH:
+            self._held = 0
+            self._send(self._byte * self.BATCH)
+
+    def _flush(self) -> None:
+        self._call = None
+        if self._held:
+            held, self._held = self._held, 0
+            self._send(self._byte * held)
+
+    def close(self) -> None:
+        """Ring what is held (the chunks are committed), stop the timer."""
+        if self._call is not None:
+            self._call.cancel()
+            self._flush()
 
 
 class _RingWriter:
@@ -91,6 +150,13 @@ class _RingWriter:
         if self._call is None:
             self._call = self._clock.callLater(self._delay, self._retry)
         return d
+
+    def kick(self) -> None:
+        """The reader has just taken something: retry the queue now."""
+        if self._queue and self._call is not None:
+            self._call.cancel()
+            self._delay = _RETRY_FIRST
+            self._retry()
 
     def _retry(self) -> None:
         self._call = None
@@ -163,15 +229,11 @@ class ServerShmChannels:
         """Wake-ups that found no request (libqb's ``recv_retries``)."""
         self._delivering = False
         self._closing: Optional[BaseException] = None
+        self._doorbell = _Doorbell(reactor, setup, b"\0")
         self._responses = _RingWriter(reactor, response.ring, _nothing)
-        self._events = _RingWriter(reactor, event.ring, self._ringDoorbell)
+        self._events = _RingWriter(reactor, event.ring, self._doorbell.ring)
         self._eventRing = event
         self.strings = tuple(names)
-
-    def _ringDoorbell(self) -> None:
-        # One byte per event, after the post; Twisted's write buffer keeps
-        # the bytes the socket cannot take yet and sends many at once.
-        self._setup.write(b"\0")
 
     def startReading(self) -> None:
         """Process requests (again), including those already announced."""
@@ -187,6 +249,9 @@ class ServerShmChannels:
     def setupBytesReceived(self, data: bytes) -> None:
         """Request doorbells: count them and read what is committed."""
         self.doorbells += len(data)
+        # A client that sends has likely read: retry full rings now.
+        self._responses.kick()
+        self._events.kick()
         if self._reading and self._drainCall is None:
             self._drain()
 
@@ -203,15 +268,15 @@ class ServerShmChannels:
                 self._drainCall = self._reactor.callLater(0, self._drain)
                 return
             try:
-                chunk = ring.peek()
+                chunk = ring.peekOrNone()
             except RingError as e:
-                if e.errno == errno.EAGAIN:
-                    if budget == self.batch and self.doorbells > self.chunks:
-                        # A doorbell for a chunk that is not there.  (Bells
-                        # for chunks an earlier turn already read are not.)
-                        self.emptyReads += 1
-                    return
                 self._onError(OSError(e.errno, f"request ring: {e}"))
+                return
+            if chunk is None:
+                if budget == self.batch and self.doorbells > self.chunks:
+                    # A doorbell for a chunk that is not there.  (Bells
+                    # for chunks an earlier turn already read are not.)
+                    self.emptyReads += 1
                 return
             budget -= 1
             self.chunks += 1
@@ -253,6 +318,7 @@ class ServerShmChannels:
         error = reason or OSError(errno.ENOTCONN, "connection closed")
         self._responses.close(error)
         self._events.close(error)
+        self._doorbell.close()
         self._closing = error
         if not self._delivering:
             self._unmap()
@@ -273,23 +339,39 @@ class _ResponseWaiter(threading.Thread):
 
     A libqb server posts no byte for a response, only the semaphore, which
     is a futex and cannot be polled.  This thread blocks in
-    ``sem_timedwait`` (ctypes releases the GIL) only while responses are
-    outstanding, and hands each count it takes to the reactor thread with
-    ``callFromThread``, which wakes the reactor through its waker fd.
+    ``sem_timedwait`` (ctypes releases the GIL) only while it is armed and
+    responses are outstanding, and hands the counts it takes to the
+    reactor thread with one ``callFromThread`` (which wakes the reactor
+    through its waker fd).
+
+    It disarms with each hand-over; the reactor thread takes any further
+    responses with ``sem_trywait`` while it runs, and re-arms this thread
+    only once it finds none.  So while responses stream in (pipelining)
+    nobody sleeps on the semaphore and the server's posts wake no thread:
+    each such wake-up costs a futex call in the server, a GIL hand-over
+    here and a reactor turn.
     """
 
     _SLICE = 0.2
 
     def __init__(self, reactor: Any, semaphore: SharedSemaphore,
-                 onResponse: Callable[[], None], onExit: Callable[[], None]) -> None:
+                 onResponse: Callable[[int], None], onExit: Callable[[], None]) -> None:
         super().__init__(name="txqb-shm-response", daemon=True)
         self._reactor = reactor
         self._semaphore = semaphore
         self._onResponse = onResponse
         self._onExit = onExit
-        self.wanted = threading.Event()
+        self._wake = threading.Event()
+        self.armed = False
+        self.outstanding = False
         self.stopping = False
         self.spin = RESPONSE_SPIN
+
+    def arm(self) -> None:
+        """Reactor thread: wait on the semaphore (again)."""
+        if not self.armed:
+            self.armed = True
+            self._wake.set()
 
     def _take(self) -> bool:
         if self.spin:
@@ -300,20 +382,42 @@ class _ResponseWaiter(threading.Thread):
                     return True
         return self._semaphore.timedWait(self._SLICE)
 
-    def run(self) -> None:
+    def _serve(self) -> None:
         callFromThread = self._reactor.callFromThread
+        tryWait = self._semaphore.tryWait
+        while not self.stopping:
+            if not self.outstanding:
+                self.armed = False
+                # arm() may have run just before and found us armed.
+                if not self.outstanding:
+                    return
+                self.armed = True
+                continue
+            if not self._take():
+                continue
+            # Take every count already there: one hand-over for a burst.
+            counted = 1
+            while tryWait():
+                counted += 1
+            if self.stopping:
+                return
+            # Disarm before the hand-over: the reactor thread re-arms
+            # after it, once it finds no more responses.
+            self.armed = False
+            callFromThread(self._onResponse, counted)
+            return
+
+    def run(self) -> None:
         try:
             while not self.stopping:
-                if not self.wanted.wait(self._SLICE):
+                if not self._wake.wait(self._SLICE):
                     continue
-                if self.stopping:
-                    break
-                if self._take() and not self.stopping:
-                    callFromThread(self._onResponse)
+                self._wake.clear()
+                self._serve()
         finally:
             # The maps may be closed only once this thread no longer
             # touches the semaphore: the reactor thread does it now.
-            callFromThread(self._onExit)
+            self._reactor.callFromThread(self._onExit)
 
 
 class ClientShmChannels:
@@ -348,25 +452,28 @@ class ClientShmChannels:
         self._onError = onError
         self._eventsPaused = False
         self._eventDelivering = False
+        self.inPlace = False
+        """
+        Deliver chunks as views into the ring (zero copy), reclaimed after
+        the receiver returns, instead of copies reclaimed before.
+        """
         self._drainCall: Optional[IDelayedCall] = None
         self.closed = False
         self._serverGone = False
-        self._requests = _RingWriter(reactor, self._request.ring, self._ringDoorbell)
+        # Exactly one byte per request, after the post: a C server reads as
+        # many bytes as it processed chunks and blocks until they come.
+        self._doorbell = _Doorbell(reactor, setup, b"\x18")
+        self._requests = _RingWriter(reactor, self._request.ring, self._doorbell.ring)
         self._waiter = _ResponseWaiter(
             reactor, self._response.semaphore, self._responseCounted, self._waiterExited
         )
         self._waiter.start()
 
-    def _ringDoorbell(self) -> None:
-        # Exactly one byte per request, after the post: a C server reads as
-        # many bytes as it processed chunks and blocks until they come.
-        self._setup.write(b"\x18")
-
     def flowControl(self) -> int:
         """The server's flow-control word (request ring user data)."""
         if self.closed:
             return 0
-        return loadInt(self._request.header, USER_DATA)
+        return self._request.ring.userWord()
 
     def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
         """Commit a request; waits (in order) while the ring is full."""
@@ -376,23 +483,44 @@ class ClientShmChannels:
 
     def awaiting(self, outstanding: bool) -> None:
         """Whether responses are outstanding: only then the waiter waits."""
+        waiter = self._waiter
+        waiter.outstanding = outstanding
         if outstanding:
-            self._waiter.wanted.set()
-        else:
-            self._waiter.wanted.clear()
+            waiter.arm()
 
-    def _responseCounted(self) -> None:
-        if self.closed:
-            return
-        # Events committed before this response are delivered before it.
-        self.drainEvents()
+    def _responseCounted(self, counted: int) -> None:
+        """
+        Deliver the responses the waiter counted, then any that were
+        committed meanwhile: while this thread is running anyway, taking
+        a count here costs one ``sem_trywait``, where the waiter would
+        cost a thread hop (a GIL hand-over and a reactor wake-up) each.
+        Which thread took a count does not matter: chunks are read in
+        ring order, here.
+
+        The client drains the event ring before it takes each response,
+        so events committed before a response are delivered before it.
+        """
         ring = self._response.ring
+        tryWait = self._response.semaphore.tryWait
+        waiter = self._waiter
         try:
-            chunk = ring.peek(counted=True)
-        except RingError as e:
-            self._onError(OSError(e.errno, f"response ring: {e}"))
-            return
-        _deliver(ring, chunk, self._onResponse)
+            while not self.closed:
+                if counted:
+                    counted -= 1
+                elif not waiter.outstanding or not tryWait():
+                    return
+                try:
+                    chunk = ring.peek(counted=True)
+                except RingError as e:
+                    self._onError(OSError(e.errno, f"response ring: {e}"))
+                    return
+                _take(ring, chunk, self._onResponse, self.inPlace)
+        finally:
+            if not self.closed:
+                # The server took requests to answer these: room, maybe.
+                self._requests.kick()
+                if waiter.outstanding:
+                    waiter.arm()
 
     def setupBytesReceived(self, data: bytes) -> None:
         """Event doorbells: read the committed events."""
@@ -405,14 +533,15 @@ class ClientShmChannels:
         ring = self._event.ring
         while not self._eventsPaused and not self.closed:
             try:
-                chunk = ring.peek()
+                chunk = ring.peekOrNone()
             except RingError as e:
-                if e.errno != errno.EAGAIN:
-                    self._onError(OSError(e.errno, f"event ring: {e}"))
+                self._onError(OSError(e.errno, f"event ring: {e}"))
+                return
+            if chunk is None:
                 return
             self._eventDelivering = True
             try:
-                _deliver(ring, chunk, self._onEvent)
+                _take(ring, chunk, self._onEvent, self.inPlace)
             finally:
                 self._eventDelivering = False
 
@@ -431,7 +560,7 @@ class ClientShmChannels:
                 chunk = ring.peek(counted=True)
             except RingError:
                 return
-            _deliver(ring, chunk, self._onResponse)
+            _take(ring, chunk, self._onResponse, self.inPlace)
 
     def pauseEvents(self) -> None:
         """Leave events in the ring; the server's sends wait."""
@@ -456,8 +585,9 @@ class ClientShmChannels:
             self._drainCall.cancel()
             self._drainCall = None
         self._requests.close(reason or OSError(errno.ENOTCONN, "connection closed"))
+        self._doorbell.close()
         self._waiter.stopping = True
-        self._waiter.wanted.set()
+        self._waiter.arm()
 
     def _waiterExited(self) -> None:
         rings, self._rings = self._rings, []

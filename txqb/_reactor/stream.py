@@ -142,6 +142,25 @@ class UnixStreamTransport(FileDescriptor):
                 return 0
             return Failure(main.CONNECTION_LOST)
 
+    def writeNow(self, data: bytes) -> None:
+        """
+        Send at once when nothing is queued (one ``send``, no reactor turn),
+        else queue behind what is: a doorbell must not wait for the next
+        reactor iteration and two ``epoll_ctl`` calls.
+        """
+        if self.dataBuffer or self._tempDataBuffer or self.disconnecting or self._fd < 0:
+            self.write(data)
+            return
+        try:
+            sent = self.socket.send(data, socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # Let the ordinary write path find the error and close.
+            sent = 0
+        if sent < len(data):
+            self.write(data[sent:])
+
     def abortConnection(self) -> None:
         """Close at once, dropping anything not yet written."""
         if self.disconnected:

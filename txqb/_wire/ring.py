@@ -235,20 +235,35 @@ class Ring:
         @raise RingError: ``EAGAIN`` when it does not fit now (libqb never
             blocks a writer), ``EMSGSIZE`` when it never could.
         """
-        size = sum(len(p) for p in parts)
-        if size + CHUNK_OVERHEAD > self.size:
-            raise RingError(errno.EMSGSIZE, f"{size}-byte chunk exceeds the {self.size}-byte ring")
-        if self.freeSpace() < size + CHUNK_OVERHEAD:
+        size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
+        total = self.size
+        if size + CHUNK_OVERHEAD > total:
+            raise RingError(errno.EMSGSIZE, f"{size}-byte chunk exceeds the {total}-byte ring")
+        # freeSpace(), inlined: this runs for every message.
+        hw, dw, words = self._hw, self._dw, self.words
+        p, r = hw[WRITE_PT // 4], hw[READ_PT // 4]
+        if p > r:
+            free = (r - p + words - 1) * 4
+        elif p < r:
+            free = (r - p - 1) * 4
+        else:
+            free = 0 if self._sem.value() > 0 else total
+        if free < size + CHUNK_OVERHEAD:
             raise RingError(errno.EAGAIN, "ring full")
-        p = self.writePointer
-        self._put(p, 0)
-        self._put(p + 1, MAGIC_ALLOCATED)
-        offset = ((p + 2) % self.words) * 4
+        dw[p % words] = 0
+        dw[(p + 1) % words] = MAGIC_ALLOCATED
+        offset = ((p + 2) % words) * 4
+        data = self._data
         for part in parts:
-            offset = self._copyIn(offset, part)
-        self._put(p, size)
-        self._hw[WRITE_PT // 4] = self._next(p, size)
-        self._put(p + 1, MAGIC_COMMITTED)
+            n = len(part)
+            if offset + n < total:
+                data[offset : offset + n] = part
+                offset += n
+            else:
+                offset = self._copyIn(offset, part)
+        dw[p % words] = size
+        hw[WRITE_PT // 4] = self._next(p, size)
+        dw[(p + 1) % words] = MAGIC_COMMITTED
         self._sem.post()
 
     def _copyIn(self, offset: int, part: bytes) -> int:
@@ -275,22 +290,31 @@ class Ring:
             the semaphore says there is one but the ring holds no committed
             chunk at the read pointer (a corrupt or hostile peer).
         """
-        if not counted and not self._sem.tryWait():
+        chunk = self.peekOrNone(counted)
+        if chunk is None:
             raise RingError(errno.EAGAIN, "ring empty")
-        p = self.readPointer
-        if p >= self.words or self._get(p + 1) != MAGIC_COMMITTED:
+        return chunk
+
+    def peekOrNone(self, counted: bool = False) -> memoryview | bytes | None:
+        """L{peek}, but L{None} instead of ``EAGAIN``: a drain loop's end is no error."""
+        if not counted and not self._sem.tryWait():
+            return None
+        words = self.words
+        p = self._hw[READ_PT // 4]
+        dw = self._dw
+        if p >= words or dw[(p + 1) % words] != MAGIC_COMMITTED:
             self._sem.post()
-            found = self._get(p + 1) if p < self.words else None
+            found = dw[(p + 1) % words] if p < words else None
             raise RingError(
                 errno.EBADMSG,
                 f"no committed chunk at word {p} (magic {found!r},"
                 f" write pointer {self.writePointer}, count {self._sem.value()})",
             )
-        size = self._get(p)
+        size = dw[p]
         if size + CHUNK_OVERHEAD > self.size:
             self._sem.post()
             raise RingError(errno.EBADMSG, f"chunk at word {p} claims {size} bytes")
-        start = ((p + 2) % self.words) * 4
+        start = ((p + 2) % words) * 4
         self._peeked = (p, size)
         end = start + size
         if end <= self.size:
@@ -309,9 +333,15 @@ class Ring:
     def reclaim(self) -> None:
         """Consume the chunk L{peek} returned, in libqb's order."""
         p, size = self._peeked
-        self._put(p, 0)
-        self._put(p + 1, MAGIC_CONSUMED)
+        dw, words = self._dw, self.words
+        dw[p % words] = 0
+        dw[(p + 1) % words] = MAGIC_CONSUMED
         self._hw[READ_PT // 4] = self._next(p, size)
+
+    def userWord(self) -> int:
+        """The header's signed user word (a request ring's flow control)."""
+        value: int = self._hw[USER_DATA // 4]
+        return value - (1 << 32) if value & 0x80000000 else value
 
     def release(self) -> None:
         """Drop this ring's views of the buffers (before unmapping them)."""
@@ -321,5 +351,14 @@ class Ring:
     def read(self, counted: bool = False) -> bytes:
         """Copy out and consume the oldest chunk (see L{peek})."""
         chunk = bytes(self.peek(counted))
+        self.reclaim()
+        return chunk
+
+    def readOrNone(self, counted: bool = False) -> bytes | None:
+        """L{read}, but L{None} instead of ``EAGAIN``."""
+        view = self.peekOrNone(counted)
+        if view is None:
+            return None
+        chunk = bytes(view)
         self.reclaim()
         return chunk
