@@ -388,3 +388,40 @@ async def test_malformedResponse(reactor: Any, serviceName: str) -> None:
     finally:
         await client.disconnect()
         await service.stopListening()
+
+
+def test_writeToVanishedPeer(reactor: Any) -> None:
+    """
+    A write to a setup socket whose peer is gone (a SHM client killed
+    during an event storm, its doorbells still to be written) reports the
+    lost connection as Twisted's FileDescriptor expects, an exception
+    instance, instead of raising inside the reactor.  (The poll reactors
+    usually see the hang-up first; the write path is the race the soak
+    run hit.)
+    """
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    from txqb._reactor.stream import SetupProtocol, UnixStreamTransport
+
+    class Owner:
+        def __init__(self) -> None:
+            self.lost: List[Any] = []
+
+        def _setupData(self, data: bytes) -> None:
+            pass
+
+        def _setupLost(self, reason: Any) -> None:
+            self.lost.append(reason)
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    theirs.close()
+    owner = Owner()
+    transport = UnixStreamTransport(ours, SetupProtocol(owner), reactor, b"\0test")  # type: ignore[arg-type]
+    transport.write(b"\0" * 1000)
+    why = transport.doWrite()  # type: ignore[no-untyped-call]
+    assert isinstance(why, ConnectionLost), why
+    reactor.removeWriter(transport)
+    transport.connectionLost(Failure(why))
+    assert [r.type for r in owner.lost] == [ConnectionLost]

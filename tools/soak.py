@@ -32,7 +32,22 @@ def serve(name: str, transport: str) -> int:
     import txqb
     from txqb.echo import EchoHandlers
 
-    stats = {"requests": 0, "events": 0, "connections": 0}
+    from twisted.logger import LogLevel, formatEvent, globalLogBeginner
+
+    stats: Dict[str, Any] = {"requests": 0, "events": 0, "connections": 0, "loggedErrors": 0}
+    samples: List[str] = []
+    stats["errorSamples"] = samples
+
+    def observe(event: Dict[str, Any]) -> None:
+        # Count what the server logs as errors.  Beginning logging also
+        # ends Twisted's start-up buffer, which otherwise keeps the first
+        # 65 536 log events in memory and would show as the server's RSS.
+        if event.get("log_level", LogLevel.info) >= LogLevel.error:
+            stats["loggedErrors"] += 1
+            if len(samples) < 5:
+                samples.append(formatEvent(event))
+
+    globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)  # type: ignore[list-item]
 
     class Counting(EchoHandlers):
         def connectionCreated(self, connection: Any) -> None:

@@ -131,8 +131,12 @@ class UnixStreamTransport(FileDescriptor):
         self.protocol.dataReceived(data)
         return None
 
-    def writeSomeData(self, data: bytes) -> int | Failure:  # type: ignore[override]
-        """Send as much as the socket takes; never raise ``SIGPIPE``."""
+    def writeSomeData(self, data: bytes) -> int | BaseException:  # type: ignore[override]
+        """
+        Send as much as the socket takes; never raise ``SIGPIPE``.  A dead
+        peer is reported as FileDescriptor expects: an exception instance
+        (not a Failure), which ends the connection.
+        """
         try:
             return self.socket.send(data, socket.MSG_NOSIGNAL)
         except BlockingIOError:
@@ -140,7 +144,7 @@ class UnixStreamTransport(FileDescriptor):
         except OSError as e:
             if e.errno == errno.EINTR:
                 return 0
-            return Failure(main.CONNECTION_LOST)
+            return main.CONNECTION_LOST
 
     def writeNow(self, data: bytes) -> None:
         """
