@@ -191,8 +191,10 @@ async def test_txqbClientBulkEvents(reactor: Any, cpeers: Peers, serviceName: st
             await _until(reactor, lambda: len(events) >= BULK_EVENTS, "ten events")
             assert (await client.request(0, b"after")).payload == b"after"
             assert events == [txqb.Message(BULK, 0, b"")] * BULK_EVENTS
+            # The server's stdout is another pipe: its line may arrive
+            # after the responses.
+            queue = await server.waitFor("BULKQUEUE")
             assert not [line for line in server.lines if "FAIL" in line]
-            (queue,) = [line for line in server.lines if line.startswith("BULKQUEUE")]
             before, after = map(int, queue.split()[1:])
             assert after in (before, before + 1)  # this client may read in between
         finally:
