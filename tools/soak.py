@@ -12,6 +12,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import struct
 import sys
@@ -213,17 +214,21 @@ def main(argv: List[str]) -> int:
 
     from peers.build import build
 
-    peers = build(pathlib.Path(tempfile.mkdtemp(prefix="txqbsoak")))
-    soak = Soak(reactor, peers, args.minutes, args.clients)
+    buildDir = tempfile.mkdtemp(prefix="txqbsoak")
     result: Dict[str, Any] = {}
+    try:
+        peers = build(pathlib.Path(buildDir))
+        soak = Soak(reactor, peers, args.minutes, args.clients)
 
-    async def go(_: Any) -> None:
-        result.update(await soak.run())
+        async def go(_: Any) -> None:
+            result.update(await soak.run())
 
-    done = defer.ensureDeferred(go(None))
-    done.addErrback(lambda f: result.update(crash=f.getTraceback()))
-    done.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+        done = defer.ensureDeferred(go(None))
+        done.addErrback(lambda f: result.update(crash=f.getTraceback()))
+        done.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        reactor.run()  # type: ignore[attr-defined]
+    finally:
+        shutil.rmtree(buildDir, ignore_errors=True)
     print(json.dumps(result, indent=2))
     ok = not result.get("crash") and not result.get("leaks") and not result.get("errors")
     ok = ok and all(s["exit"] == 0 for s in result.get("servers", {}).values())
