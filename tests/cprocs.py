@@ -21,7 +21,10 @@ from peers.build import Peers
 
 
 SPAWNED: Set[int] = set()
-"""Pids of every peer process started here: their /dev/shm entries are ours."""
+"""
+Pids of every process a test started (conftest records each spawnProcess
+and Popen child here): their /dev/shm entries are the run's own.
+"""
 
 
 class _Collect(protocol.ProcessProtocol):
@@ -100,7 +103,6 @@ class CServer:
         self.process = self.reactor.spawnProcess(
             self.proto, self.argv[0], self.argv, env=self.env
         )
-        SPAWNED.add(self.process.pid)
         line = await self.proto.waitFor("READY", self.reactor)
         self.pid = int(line.split()[1])
         return self
@@ -178,7 +180,6 @@ class CClient:
         self.process = self.reactor.spawnProcess(
             self.proto, self.argv[0], self.argv, env=self.env
         )
-        SPAWNED.add(self.process.pid)
         return self
 
     def waitFor(self, prefix: str, timeout: float = 20.0) -> Deferred[str]:

@@ -797,10 +797,10 @@ def connect(
     )
     connector.start()
     if zeroCopy:
-        connector.deferred.addCallback(_zeroCopy)
+        connector.deferred.addCallback(_enableZeroCopy)
     return connector.deferred
 
 
-def _zeroCopy(client: Client) -> Client:
+def _enableZeroCopy(client: Client) -> Client:
     client.zeroCopy = True
     return client

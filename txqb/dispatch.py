@@ -147,10 +147,7 @@ class Dispatcher(ServiceHandlers):
 
     def messageReceived(self, connection: ServerConnection, msgId: int, payload: bytes) -> Any:
         """Call the id's handler, or answer C{-unknownError}."""
-        handler = self._handlers.get(msgId)
-        if handler is None:
-            return _answerUnknown(self.unknownError, msgId)
-        return handler(connection, payload)
+        return self.dispatchCommand(connection, msgId, msgId, payload)
 
     def dispatchCommand(
         self, connection: ServerConnection, command: int, msgId: int, payload: bytes

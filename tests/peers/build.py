@@ -8,7 +8,7 @@ Usage::
     subprocess.run([peers.server, "svcname"])
 
 The sources live next to this module.  Binaries are rebuilt only when they
-are missing or older than their source.  Anything that prevents building
+are missing or older than their source (or the shared header).  Anything that prevents building
 (no gcc, no libqb headers or library) raises :class:`PeersUnavailable` with
 gcc's diagnostics, so callers can decide between skipping and failing.
 """
@@ -114,8 +114,12 @@ def _checkLibqb(compiler: str, outdir: pathlib.Path) -> None:
 
 
 def _isFresh(output: pathlib.Path, source: pathlib.Path) -> bool:
+    # The peers' shared header counts as part of every source.
     try:
-        return output.stat().st_mtime > source.stat().st_mtime
+        built = output.stat().st_mtime
+        return all(
+            built > p.stat().st_mtime for p in (source, _SOURCE_DIR / "peer_common.h")
+        )
     except FileNotFoundError:
         return False
 

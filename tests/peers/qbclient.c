@@ -57,6 +57,8 @@
 #include <qb/qbipcc.h>
 #include <qb/qblog.h>
 
+#include "peer_common.h"
+
 enum {
 	MSG_ECHO = 0,
 	MSG_EVENTS = 1,
@@ -149,22 +151,6 @@ monotonic_ms(void)
 	/* CLOCK_MONOTONIC cannot fail on Linux with a valid pointer. */
 	(void)clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000ULL + (uint64_t)ts.tv_nsec / 1000000ULL;
-}
-
-static uint32_t
-get_le32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | ((uint32_t)p[1] << 8) |
-	    ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
-static void
-put_le32(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)v;
-	p[1] = (uint8_t)(v >> 8);
-	p[2] = (uint8_t)(v >> 16);
-	p[3] = (uint8_t)(v >> 24);
 }
 
 static void
@@ -871,22 +857,6 @@ run_cycles(const char *name, size_t max, int async, long n)
 	printf("CYCLES ok=%ld fail=%ld errno=%d\n", ok, failed, last);
 }
 
-static void
-setup_logging(void)
-{
-	const char *env = getenv("QBPEER_LOG");
-
-	/* Without qb_log_init libqb logs nothing at all, which is the default. */
-	if (env == NULL || strcmp(env, "1") != 0) {
-		return;
-	}
-	qb_log_init("qbclient", LOG_USER, LOG_DEBUG);
-	(void)qb_log_ctl(QB_LOG_SYSLOG, QB_LOG_CONF_ENABLED, QB_FALSE);
-	(void)qb_log_filter_ctl(QB_LOG_STDERR, QB_LOG_FILTER_ADD,
-				QB_LOG_FILTER_FILE, "*", LOG_DEBUG);
-	(void)qb_log_ctl(QB_LOG_STDERR, QB_LOG_CONF_ENABLED, QB_TRUE);
-}
-
 int
 main(int argc, char **argv)
 {
@@ -927,7 +897,7 @@ main(int argc, char **argv)
 		first += 2;
 	}
 	nsteps = parse_script(argc, argv, first);
-	setup_logging();
+	setup_logging("qbclient");
 
 	/* A server that vanishes mid-write must be an error code, not a kill. */
 	if (signal(SIGPIPE, SIG_IGN) == SIG_ERR) {

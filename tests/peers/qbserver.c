@@ -57,6 +57,8 @@
 #include <qb/qbipc_common.h>
 #include <qb/qbipcs.h>
 #include <qb/qblog.h>
+
+#include "peer_common.h"
 #include <qb/qbloop.h>
 
 enum {
@@ -227,22 +229,6 @@ monotonic_ns(void)
 	/* CLOCK_MONOTONIC cannot fail on Linux with a valid pointer. */
 	(void)clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-static uint32_t
-get_le32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | ((uint32_t)p[1] << 8) |
-	    ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
-static void
-put_le32(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)v;
-	p[1] = (uint8_t)(v >> 8);
-	p[2] = (uint8_t)(v >> 16);
-	p[3] = (uint8_t)(v >> 24);
 }
 
 /*
@@ -935,22 +921,6 @@ on_terminate(int32_t sig, void *data)
 	return 0;
 }
 
-static void
-setup_logging(void)
-{
-	const char *env = getenv("QBPEER_LOG");
-
-	/* Without qb_log_init libqb logs nothing at all, which is the default. */
-	if (env == NULL || strcmp(env, "1") != 0) {
-		return;
-	}
-	qb_log_init("qbserver", LOG_USER, LOG_DEBUG);
-	(void)qb_log_ctl(QB_LOG_SYSLOG, QB_LOG_CONF_ENABLED, QB_FALSE);
-	(void)qb_log_filter_ctl(QB_LOG_STDERR, QB_LOG_FILTER_ADD,
-				QB_LOG_FILTER_FILE, "*", LOG_DEBUG);
-	(void)qb_log_ctl(QB_LOG_STDERR, QB_LOG_CONF_ENABLED, QB_TRUE);
-}
-
 int
 main(int argc, char **argv)
 {
@@ -976,7 +946,7 @@ main(int argc, char **argv)
 		return 1;
 	}
 	parse_args(argc, argv);
-	setup_logging();
+	setup_logging("qbserver");
 
 	/* A client vanishing mid-write must not kill us with SIGPIPE. */
 	if (signal(SIGPIPE, SIG_IGN) == SIG_ERR) {

@@ -14,6 +14,9 @@ import stat
 import struct
 from typing import NamedTuple, Optional, Tuple
 
+from txqb._posix.files import mapFile, openSharedFile
+from txqb._wire.naming import clientSocketNames
+
 __all__ = [
     "Credentials",
     "peerCredentials",
@@ -197,9 +200,6 @@ def openClientSocketFiles(controlPath: str, base: str, maxMessageSize: int) -> C
     @raise OSError: C{EBADMSG} for names no libqb server would send, or the
         error of the failing call.
     """
-    from txqb._posix.files import mapFile, openSharedFile
-    from txqb._wire.naming import clientSocketNames
-
     if not os.path.isabs(controlPath) or not base:
         raise OSError(
             errno.EBADMSG, f"server named control file {controlPath!r} and base {base!r}"

@@ -36,9 +36,6 @@ from txqb._wire.ring import loadInt, storeWord
 
 __all__ = ["ServerSocketChannels", "ClientSocketChannels", "CONTROL_FILE_SIZE"]
 
-_REQUEST_SENT = CONTROL_REQUEST_SENT
-_REQUEST_FLOW_CONTROL = CONTROL_REQUEST_FLOW_CONTROL
-_EVENT_SENT = CONTROL_EVENT_SENT
 
 
 def _ignore(_: Buffer) -> None:
@@ -148,19 +145,19 @@ class ServerSocketChannels:
         """Send one event datagram and count it for queue-length stats."""
         result = self.events.send(data)
         if self._control is not None:
-            _add(self._control, _EVENT_SENT, 1)
+            _add(self._control, CONTROL_EVENT_SENT, 1)
         return result
 
     def eventQueueLength(self) -> int:
         """Events sent and not yet read by the client, as libqb counts."""
         if self._control is None:
             return 0
-        return max(0, loadInt(self._control, _EVENT_SENT))
+        return max(0, loadInt(self._control, CONTROL_EVENT_SENT))
 
     def setFlowControl(self, value: int) -> None:
         """Write the flow-control word every libqb client checks."""
         if self._control is not None:
-            storeWord(self._control, _REQUEST_FLOW_CONTROL, value)
+            storeWord(self._control, CONTROL_REQUEST_FLOW_CONTROL, value)
 
     def close(self, reason: Optional[BaseException] = None) -> None:
         """Close both sockets and unmap the control file."""
@@ -217,20 +214,20 @@ class ClientSocketChannels:
 
     def _eventReceived(self, data: Buffer) -> None:
         if self._control is not None:
-            _add(self._control, _EVENT_SENT, -1)
+            _add(self._control, CONTROL_EVENT_SENT, -1)
         self._onEvent(data)
 
     def flowControl(self) -> int:
         """The server's flow-control word, read before every send."""
         if self._control is None:
             return 0
-        return loadInt(self._control, _REQUEST_FLOW_CONTROL)
+        return loadInt(self._control, CONTROL_REQUEST_FLOW_CONTROL)
 
     def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
         """Send one request datagram, counting it as libqb's client does."""
         result = self.requests.send(data)
         if self._control is not None:
-            _add(self._control, _REQUEST_SENT, 1)
+            _add(self._control, CONTROL_REQUEST_SENT, 1)
         return result
 
     def drain(self) -> None:
