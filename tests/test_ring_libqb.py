@@ -12,10 +12,11 @@ import mmap
 import os
 import subprocess
 import sys
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 
+from txqb._posix.files import MirroredMap
 from txqb._posix.semaphore import SharedSemaphore
 from txqb._wire.ring import HEADER_STRUCT_SIZE, SEMAPHORE, Ring, RingError
 
@@ -40,35 +41,48 @@ def _libqb() -> Any:
 
 
 class Mapped:
-    """txqb's view of a ring libqb created."""
+    """txqb's view of a ring libqb created: its data mapped plainly or mirrored."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, mirrored: bool) -> None:
         base = f"/dev/shm/qb-{name}"
-        self.maps = []
+        self.maps: List[Any] = []
+        views = []
         for suffix in ("header", "data"):
             fd = os.open(f"{base}-{suffix}", os.O_RDWR)
             try:
-                self.maps.append(mmap.mmap(fd, os.fstat(fd).st_size))
+                size = os.fstat(fd).st_size
+                if suffix == "data" and mirrored:
+                    m: Any = MirroredMap(fd, size)
+                    views.append(m.view)
+                else:
+                    m = mmap.mmap(fd, size)
+                    views.append(memoryview(m))
+                self.maps.append(m)
             finally:
                 os.close(fd)
-        header, data = self.maps
+        header = self.maps[0]
         assert len(header) >= HEADER_STRUCT_SIZE
         self.sem = SharedSemaphore(header, SEMAPHORE)
-        self.ring = Ring(memoryview(header), memoryview(data), self.sem)
+        self.ring = Ring(views[0], views[1], self.sem)
+        assert self.ring.mirrored == mirrored
+        self._views = views
 
     def close(self) -> None:
+        self.ring.release()
         del self.ring
         self.sem.release()
+        for v in self._views:
+            v.release()
         for m in self.maps:
             m.close()
 
 
-@pytest.fixture
-def shared(serviceName: str) -> Iterator[Tuple[Any, Any, Mapped]]:
+@pytest.fixture(params=["plain", "mirrored"])
+def shared(serviceName: str, request: Any) -> Iterator[Tuple[Any, Any, Mapped]]:
     qb = _libqb()
     rb = qb.qb_rb_open(serviceName.encode(), 8192, _CREATE | _SHARED_PROCESS, 0)
     assert rb, os.strerror(ctypes.get_errno())
-    mapped = Mapped(serviceName)
+    mapped = Mapped(serviceName, request.param == "mirrored")
     try:
         yield qb, rb, mapped
     finally:
@@ -92,11 +106,21 @@ def test_txqbWritesLibqbReads(shared: Tuple[Any, Any, Mapped]) -> None:
 
 def test_libqbWritesTxqbReads(shared: Tuple[Any, Any, Mapped]) -> None:
     qb, rb, mapped = shared
+    wrapped = 0
     for i in range(300):
         message = _message(i)
         assert qb.qb_rb_chunk_write(rb, message, len(message)) == len(message)
         assert mapped.ring.pending == 1
-        assert mapped.ring.read() == message
+        before = mapped.ring.readPointer
+        chunk = mapped.ring.peek()
+        # A mirrored ring hands out even a chunk across its end as a view.
+        assert isinstance(chunk, memoryview) == (mapped.ring.mirrored or before * 4 + 8 + len(message) <= mapped.ring.size)
+        wrapped += before * 4 + 8 + len(message) > mapped.ring.size
+        assert bytes(chunk) == message
+        if isinstance(chunk, memoryview):
+            chunk.release()
+        mapped.ring.reclaim()
+    assert wrapped > 0
     with pytest.raises(RingError):
         mapped.ring.read()
 
@@ -121,6 +145,7 @@ def test_fillsLikeLibqb(shared: Tuple[Any, Any, Mapped]) -> None:
 
 _WAITER = """
 import mmap, os, sys
+from txqb._posix.files import MirroredMap
 from txqb._posix.semaphore import SharedSemaphore
 from txqb._wire.ring import SEMAPHORE
 fd = os.open(sys.argv[1], os.O_RDWR)
@@ -167,7 +192,7 @@ def test_burstyReaderAgainstFastWriter(serviceName: str, cpeers: Any) -> None:
     qb = _libqb()
     rb = qb.qb_rb_open(serviceName.encode(), 65549, _CREATE | _SHARED_PROCESS, 0)
     assert rb, os.strerror(ctypes.get_errno())
-    mapped = Mapped(serviceName)
+    mapped = Mapped(serviceName, mirrored=True)
     count = 150000
     writer = subprocess.Popen([str(cpeers.rbWriter), serviceName, str(count)])
     try:
@@ -191,3 +216,39 @@ def test_burstyReaderAgainstFastWriter(serviceName: str, cpeers: Any) -> None:
             writer.wait()
         mapped.close()
         qb.qb_rb_close(rb)
+
+
+def test_mirroredMapOutlivesClose(tmp_path: Any) -> None:
+    """
+    Both halves of a mirrored map are the same file; a view kept past
+    close() keeps the memory mapped (no crash), and the last view gone
+    unmaps it.
+    """
+    path = tmp_path / "data"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, mmap.PAGESIZE)
+        mirrored = MirroredMap(fd, mmap.PAGESIZE)
+    finally:
+        os.close(fd)
+    size = mmap.PAGESIZE
+    view = mirrored.view
+    view[size - 2 : size + 2] = b"abcd"
+    assert bytes(view[:2]) == b"cd" and bytes(view[2 * size - 2 :]) == b"ab"
+    with open(path, "rb") as f:
+        assert f.read(2) == b"cd"
+
+    def mappings() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(str(path) in line for line in f)
+
+    kept = view[size - 2 : size + 2]
+    mirrored.close()
+    with pytest.raises(ValueError):
+        view[0]
+    assert mappings() == 2
+    assert bytes(kept) == b"abcd"
+    del kept
+    assert mappings() == 0
+    with pytest.raises(ValueError, match="whole pages"):
+        MirroredMap(-1, 100)

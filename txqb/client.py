@@ -480,7 +480,15 @@ class Client:
 
     def _responseReceived(self, data: Buffer) -> None:
         if not self._zeroCopy:
-            self._takeResponse(data)
+            # Copy the payload out first, so that the channel has its room
+            # back before any callback runs (and maybe sends).
+            decoded: Union[Message, MalformedMessage]
+            try:
+                decoded = decodeResponse(data, self._receiveSize)
+            except MalformedMessage as e:
+                decoded = e
+            self._channels.consumed()
+            self._takeResponse(decoded)
             return
         # While the data is a view into the response ring, requests wait
         # (the pump runs on the next turn, once the ring has its room back):
@@ -493,7 +501,7 @@ class Client:
         if self._blocked and self._fcCall is None:
             self._fcCall = self._clock.callLater(0, self._pump)
 
-    def _takeResponse(self, data: Buffer) -> None:
+    def _takeResponse(self, data: Union[Buffer, Message, MalformedMessage]) -> None:
         self._channels.drainEvents()
         try:
             waiter = self._replies.pop()
@@ -508,11 +516,16 @@ class Client:
             self._pump()
         if waiter is None:
             return
-        try:
-            message = decodeResponse(data, self._receiveSize, copy=not self._zeroCopy)
-        except MalformedMessage as e:
-            waiter.errback(ProtocolError(f"malformed response: {e.reason}", e.errno))
-            return
+        if isinstance(data, Message):
+            message = data
+        else:
+            try:
+                if isinstance(data, MalformedMessage):
+                    raise data
+                message = decodeResponse(data, self._receiveSize, copy=False)
+            except MalformedMessage as e:
+                waiter.errback(ProtocolError(f"malformed response: {e.reason}", e.errno))
+                return
         try:
             waiter.callback(message)
         finally:
@@ -526,6 +539,8 @@ class Client:
         except MalformedMessage as e:
             log.error("{c!r}: dropping a malformed event: {why}", c=self, why=e.reason)
             return
+        if not self._zeroCopy:
+            self._channels.consumed()
         self.eventsReceived += 1
         if self._eventCallback is not None:
             try:

@@ -10,11 +10,13 @@ name someone planted) and removed through a directory fd with
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import string
-from typing import Optional
+import weakref
+from typing import Optional, Union
 
 __all__ = [
     "SHM_DIR",
@@ -22,6 +24,8 @@ __all__ = [
     "createSharedFile",
     "openSharedFile",
     "mapFile",
+    "MirroredMap",
+    "mapRingData",
 ]
 
 SHM_DIR = "/dev/shm"
@@ -186,3 +190,84 @@ def openSharedFile(path: str, minimumSize: int) -> int:
 def mapFile(fd: int, size: int) -> mmap.mmap:
     """Map the first ``size`` bytes of ``fd`` shared and writable."""
     return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10
+_PROT_NONE = 0
+_MAP_NORESERVE = 0x4000
+
+
+def _mmap(address: Optional[int], size: int, prot: int, flags: int, fd: int) -> int:
+    got = _libc.mmap(address, size, prot, flags, fd, 0)
+    if got is None or got == _MAP_FAILED:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mmap: {os.strerror(code)}")
+    return int(got)
+
+
+def _munmap(address: int, size: int) -> None:
+    _libc.munmap(address, size)
+
+
+class MirroredMap:
+    """
+    A shared file of ``size`` bytes mapped twice, back to back, as libqb
+    maps a ring's data: a chunk that runs past the end of the file goes on
+    at its start in the second mapping, so every chunk is one contiguous
+    slice, read and written with one copy and no wrap-around pieces.
+
+    The memory is reached through L{view} and the views sliced from it.
+    It stays mapped while any of them exists: the mapping belongs to a
+    ctypes array that every view references, and it is unmapped when that
+    array is freed.  So a view kept too long reads a live mapping, never
+    unmapped memory (a crash), which a plain ``mmap`` guarantees by
+    refusing to close instead.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(f"a mirrored map needs whole pages, not {size} bytes")
+        # Reserve both halves first, so the fixed mappings replace only
+        # address space this object owns.
+        base = _mmap(None, 2 * size, _PROT_NONE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1)
+        try:
+            for half in (base, base + size):
+                _mmap(half, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                      mmap.MAP_SHARED | _MAP_FIXED, fd)
+        except BaseException:
+            _munmap(base, 2 * size)
+            raise
+        owner = (ctypes.c_char * (2 * size)).from_address(base)
+        weakref.finalize(owner, _munmap, base, 2 * size)
+        self.size = size
+        """Bytes in the file (the view is twice as long)."""
+        self.view: memoryview = memoryview(owner).cast("B")
+        """Both mappings, ``2 * size`` bytes."""
+
+    def close(self) -> None:
+        """Drop this object's view; unmapped once no view is left."""
+        self.view.release()
+
+
+RingData = Union[mmap.mmap, MirroredMap]
+
+
+def mapRingData(fd: int, size: int) -> tuple[RingData, memoryview]:
+    """
+    Map a ring's data file: mirrored when it is whole pages (as libqb
+    makes it), else plainly (the ring then copies chunks that wrap).
+    """
+    if size > 0 and size % mmap.PAGESIZE == 0:
+        mirrored = MirroredMap(fd, size)
+        return mirrored, mirrored.view
+    plain = mapFile(fd, size)
+    return plain, memoryview(plain)

@@ -12,7 +12,14 @@ import mmap
 import os
 from typing import List, Optional, Tuple
 
-from txqb._posix.files import SHM_DIR, PrivateDirectory, mapFile, openSharedFile
+from txqb._posix.files import (
+    SHM_DIR,
+    PrivateDirectory,
+    RingData,
+    mapFile,
+    mapRingData,
+    openSharedFile,
+)
 from txqb._posix.semaphore import SharedSemaphore
 from txqb._wire.ring import (
     DATA_PATH,
@@ -36,7 +43,8 @@ __all__ = ["SharedRing", "removeIfOrphaned", "removeControlFile"]
 class SharedRing:
     """A ring in two shared files, mapped; owns the maps and the semaphore."""
 
-    def __init__(self, maps: List[mmap.mmap], ring: Ring, semaphore: SharedSemaphore,
+    def __init__(self, maps: List[RingData], ring: Ring,
+                 semaphore: SharedSemaphore,
                  views: List[memoryview]) -> None:
         self._maps = maps
         self._views = views
@@ -54,21 +62,31 @@ class SharedRing:
         """
         dataSize = dataFileSize(maxMessageSize, mmap.PAGESIZE)
         name = os.path.basename(base)
-        maps: List[mmap.mmap] = []
+        maps: List[RingData] = []
+        views: List[memoryview] = []
         try:
-            for suffix, size in (("-header", HEADER_FILE_SIZE), ("-data", dataSize)):
-                fd = directory.createFile(name + suffix, size, uid, gid, mode)
-                try:
-                    maps.append(mapFile(fd, size))
-                finally:
-                    os.close(fd)
+            fd = directory.createFile(name + "-header", HEADER_FILE_SIZE, uid, gid, mode)
+            try:
+                header = mapFile(fd, HEADER_FILE_SIZE)
+            finally:
+                os.close(fd)
+            maps.append(header)
+            views.append(memoryview(header))
+            fd = directory.createFile(name + "-data", dataSize, uid, gid, mode)
+            try:
+                data, view = mapRingData(fd, dataSize)
+            finally:
+                os.close(fd)
+            maps.append(data)
+            views.append(view)
         except BaseException:
+            for v in views:
+                v.release()
             for m in maps:
                 m.close()
             raise
-        views = [memoryview(m) for m in maps]
         initializeHeader(views[0], dataSize, base + "-header", base + "-data")
-        semaphore = SharedSemaphore(maps[0], SEMAPHORE)
+        semaphore = SharedSemaphore(header, SEMAPHORE)
         semaphore.initialize()
         return cls(maps, Ring(views[0], views[1], semaphore), semaphore, views)
 
@@ -82,24 +100,26 @@ class SharedRing:
         """
         if not os.path.isabs(base):
             raise OSError(errno.EBADMSG, f"server named ring {base!r}")
-        maps: List[mmap.mmap] = []
+        maps: List[RingData] = []
         views: List[memoryview] = []
         semaphore: Optional[SharedSemaphore] = None
         try:
             fd = openSharedFile(base + "-header", HEADER_STRUCT_SIZE)
             try:
-                maps.append(mapFile(fd, os.fstat(fd).st_size))
+                header = mapFile(fd, os.fstat(fd).st_size)
             finally:
                 os.close(fd)
-            views.append(memoryview(maps[0]))
+            maps.append(header)
+            views.append(memoryview(header))
             words = loadWord(views[0], 8)
             fd = openSharedFile(readPath(views[0], DATA_PATH), words * 4)
             try:
-                maps.append(mapFile(fd, words * 4))
+                data, view = mapRingData(fd, words * 4)
             finally:
                 os.close(fd)
-            views.append(memoryview(maps[1]))
-            semaphore = SharedSemaphore(maps[0], SEMAPHORE)
+            maps.append(data)
+            views.append(view)
+            semaphore = SharedSemaphore(header, SEMAPHORE)
             ring = Ring(views[0], views[1], semaphore)
         except BaseException as e:
             # Unwind in reverse: pointers into the maps before the maps.

@@ -45,24 +45,6 @@ _ORPHAN_CHECKS = 10
 _ORPHAN_CHECK_INTERVAL = 0.02
 
 
-def _take(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None], inPlace: bool) -> None:
-    """
-    Hand a peeked chunk over: in place (see L{_deliver}), or copied out and
-    its room given back first, so that the receiver, which may send at
-    once, finds the ring as free as it can be.  A C server drops a
-    response it has no room for, so a client's response ring must not
-    hold a delivered chunk any longer than needed.
-    """
-    if inPlace:
-        _deliver(ring, chunk, receiver)
-        return
-    copy = bytes(chunk)
-    if isinstance(chunk, memoryview):
-        chunk.release()
-    ring.reclaim()
-    receiver(copy)
-
-
 def _deliver(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None]) -> None:
     """
     Hand a peeked chunk to C{receiver}, then let the ring have its room
@@ -454,9 +436,11 @@ class ClientShmChannels:
         self._eventDelivering = False
         self.inPlace = False
         """
-        Deliver chunks as views into the ring (zero copy), reclaimed after
-        the receiver returns, instead of copies reclaimed before.
+        Zero copy: the chunk a receiver is given is in use until it
+        returns, also by the callbacks it runs.  Otherwise the receiver
+        copies what it keeps and calls L{consumed} before it runs any.
         """
+        self._held: List[Tuple[Ring, Buffer]] = []
         self._drainCall: Optional[IDelayedCall] = None
         self.closed = False
         self._serverGone = False
@@ -514,7 +498,7 @@ class ClientShmChannels:
                 except RingError as e:
                     self._onError(OSError(e.errno, f"response ring: {e}"))
                     return
-                _take(ring, chunk, self._onResponse, self.inPlace)
+                self._hand(ring, chunk, self._onResponse)
         finally:
             if not self.closed:
                 # The server took requests to answer these: room, maybe.
@@ -541,7 +525,7 @@ class ClientShmChannels:
                 return
             self._eventDelivering = True
             try:
-                _take(ring, chunk, self._onEvent, self.inPlace)
+                self._hand(ring, chunk, self._onEvent)
             finally:
                 self._eventDelivering = False
 
@@ -560,7 +544,42 @@ class ClientShmChannels:
                 chunk = ring.peek(counted=True)
             except RingError:
                 return
-            _take(ring, chunk, self._onResponse, self.inPlace)
+            self._hand(ring, chunk, self._onResponse)
+
+    def _hand(self, ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None]) -> None:
+        """
+        Hand a peeked chunk (a view into the ring) to C{receiver}: in
+        place (see L{_deliver}), or reclaimed as soon as the receiver says
+        it has copied it (L{consumed}), at the latest when it returns.
+
+        Early matters for responses: a C server drops a response it has
+        no room for, and callbacks may send requests at once, so the
+        response ring must not hold a delivered chunk while they run.
+        One copy (the payload the receiver keeps) is all it costs.
+        """
+        if self.inPlace:
+            _deliver(ring, chunk, receiver)
+            return
+        held = self._held
+        entry = (ring, chunk)
+        held.append(entry)
+        try:
+            receiver(chunk)
+        finally:
+            if held and held[-1] is entry:
+                self.consumed()
+
+    def consumed(self) -> None:
+        """
+        The receiver of the chunk being handed over has copied what it
+        keeps: give its ring the room back now.  (Deliveries nest, an
+        event inside a response's, so the chunks are kept as a stack.)
+        """
+        if self._held:
+            ring, chunk = self._held.pop()
+            if isinstance(chunk, memoryview):
+                chunk.release()
+            ring.reclaim()
 
     def pauseEvents(self) -> None:
         """Leave events in the ring; the server's sends wait."""

@@ -212,6 +212,12 @@ class ClientSocketChannels:
         if self.events.reading:
             self.events.drain()
 
+    def consumed(self) -> None:
+        """
+        A receiver has copied its datagram.  Nothing to give back: each
+        datagram was read into the channel's own buffer.
+        """
+
     def _eventReceived(self, data: Buffer) -> None:
         if self._control is not None:
             _add(self._control, CONTROL_EVENT_SENT, -1)

@@ -178,6 +178,10 @@ class Ring:
             )
         self.words: int = words
         self.size: int = words * 4
+        # A data area mapped twice back to back (as libqb maps it) holds
+        # every chunk contiguously: no chunk is ever split or copied to
+        # be read, however it lies across the end of the ring.
+        self.mirrored: bool = len(data) >= 2 * self.size
         # Word views: every shared word is read and written with one
         # aligned 4-byte access (see storeWord).
         self._hw = _view(header)
@@ -254,9 +258,10 @@ class Ring:
         dw[(p + 1) % words] = MAGIC_ALLOCATED
         offset = ((p + 2) % words) * 4
         data = self._data
+        mirrored = self.mirrored
         for part in parts:
             n = len(part)
-            if offset + n < total:
+            if mirrored or offset + n < total:
                 data[offset : offset + n] = part
                 offset += n
             else:
@@ -269,9 +274,10 @@ class Ring:
     def _copyIn(self, offset: int, part: bytes) -> int:
         data, n = self._data, len(part)
         first = min(n, self.size - offset)
-        data[offset : offset + first] = part[:first]
+        piece = memoryview(part)
+        data[offset : offset + first] = piece[:first]
         if first < n:
-            data[0 : n - first] = part[first:]
+            data[0 : n - first] = piece[first:]
             return n - first
         return (offset + n) % self.size
 
@@ -280,8 +286,9 @@ class Ring:
     def peek(self, counted: bool = False) -> memoryview | bytes:
         """
         The oldest committed chunk's payload, without consuming it: a view
-        into the ring when it is contiguous (zero copy), a copy when it
-        wraps.  Call L{reclaim} once done with it.
+        into the ring when it is contiguous or the ring is L{mirrored}
+        (zero copy), else a copy when it wraps.  Call L{reclaim} once done
+        with it.
 
         @param counted: the caller already took the semaphore count for
             this chunk (a waiter thread's ``sem_timedwait`` did).
@@ -317,9 +324,10 @@ class Ring:
         start = ((p + 2) % words) * 4
         self._peeked = (p, size)
         end = start + size
-        if end <= self.size:
+        if end <= self.size or self.mirrored:
             return memoryview(self._data)[start:end]
-        return bytes(self._data[start:]) + bytes(self._data[: end - self.size])
+        data = memoryview(self._data)
+        return b"".join((data[start : self.size], data[: end - self.size]))
 
     def committedAhead(self) -> bool:
         """
