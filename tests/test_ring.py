@@ -190,3 +190,37 @@ def test_modelRoundTrip(ops: List[int | None]) -> None:
         assert ring.pending == len(model)
     while model:
         assert ring.read() == model.popleft()
+
+
+def test_queuedWriteKeepsItsBytes() -> None:
+    """
+    A chunk written later (its ring was full) is written as it was when
+    it was sent: a payload that is not C{bytes} (a buffer the caller
+    reuses, a view of another ring) is copied when it is queued, and the
+    header and payload land as one chunk.
+    """
+    from twisted.internet.task import Clock
+
+    from txqb._reactor.shmtransport import _RingWriter
+
+    ring, _, _, _ = _ring(4096)
+    written: List[int] = []
+    writer = _RingWriter(Clock(), ring, lambda: written.append(1))
+    filler = bytes(1000)
+    for piece in (filler, b"x"):
+        while True:
+            try:
+                ring.write(piece)
+            except RingError:
+                break
+    payload = bytearray(b"original")
+    d = writer.write(b"HDR:", payload)
+    assert d is not None and not d.called
+    payload[:] = b"changed!"
+    assert ring.read() == filler
+    writer.kick()
+    assert d.called and written == [1]
+    while ring.read() != b"HDR:original":
+        pass
+    assert writer.write(b"now:", memoryview(b"direct")) is None
+    assert ring.read() == b"now:direct"

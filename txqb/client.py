@@ -36,7 +36,7 @@ from txqb._wire.headers import (
     Buffer,
     Message,
     decodeResponse,
-    encodeRequest,
+    requestHeader,
 )
 from txqb._wire.naming import DEFAULT_SOCKET_DIR, serviceAddress
 from txqb._wire.pairing import ReplyQueue, Slot
@@ -114,10 +114,13 @@ class ClientStats:
 class _Outgoing:
     """A request or send held back by flow control."""
 
-    __slots__ = ("data", "deferred", "expectsReply", "slot", "cancelled")
+    __slots__ = ("header", "payload", "size", "deferred", "expectsReply", "slot", "cancelled")
 
-    def __init__(self, data: bytes, deferred: Deferred[Any], expectsReply: bool) -> None:
-        self.data = data
+    def __init__(self, header: bytes, payload: bytes, deferred: Deferred[Any],
+                 expectsReply: bool) -> None:
+        self.header = header
+        self.payload = payload
+        self.size = len(header) + len(payload)
         self.deferred = deferred
         self.expectsReply = expectsReply
         self.slot: Optional[Slot[Deferred[Any]]] = None
@@ -383,16 +386,19 @@ class Client:
     def _submit(self, msgId: int, payload: bytes, expectsReply: bool) -> Deferred[Any]:
         if self._lost is not None:
             return fail(ConnectionLostError(f"{self!r}: {self._lost}"))
-        data = encodeRequest(msgId, payload)
-        if len(data) > self.maxMessageSize:
+        header = requestHeader(msgId, len(payload))
+        size = len(header) + len(payload)
+        if size > self.maxMessageSize:
             return fail(
                 MessageTooLargeError(
-                    f"request of {len(data)} bytes exceeds the connection's"
+                    f"request of {size} bytes exceeds the connection's"
                     f" {self.maxMessageSize}-byte limit"
                 )
             )
-        item = _Outgoing(data, Deferred(lambda d: self._cancel(item)), expectsReply)
+        item = _Outgoing(header, payload, Deferred(lambda d: self._cancel(item)), expectsReply)
         if self._blocked or not self._ready(item):
+            if not isinstance(payload, bytes):
+                item.payload = bytes(payload)  # held: the caller may reuse its buffer
             self._blocked.append(item)
             if self._flowControlled():
                 self._waitForFlowControl()
@@ -416,7 +422,7 @@ class Client:
 
     def _transmit(self, item: _Outgoing) -> None:
         try:
-            queued = self._channels.sendRequest(item.data)
+            queued = self._channels.sendRequest(item.header, item.payload)
         except OSError as e:
             if e.errno in _PEER_GONE:
                 # The server's socket is gone: this is a lost connection,
@@ -431,7 +437,7 @@ class Client:
             if not self._replies:
                 self._channels.awaiting(True)
             item.slot = self._replies.push(item.deferred)
-            size = len(item.data)
+            size = item.size
             self._inFlightSizes.append(size)
             self._inFlightBytes += size
             if queued is not None:

@@ -44,7 +44,7 @@ from txqb._wire.headers import (
     MalformedMessage,
     Message,
     decodeRequest,
-    encodeResponse,
+    responseHeader,
 )
 from txqb._wire.naming import (
     DEFAULT_SOCKET_DIR,
@@ -373,20 +373,21 @@ class ServerConnection:
         channels = self._channels
         if self._state is not _State.ESTABLISHED or channels is None:
             return fail(ConnectionLostError(f"{self!r} is not connected"))
-        data = encodeResponse(msgId, error, payload)
-        if len(data) > self.maxMessageSize:
+        header = responseHeader(msgId, error, len(payload))
+        size = len(header) + len(payload)
+        if size > self.maxMessageSize:
             return fail(
                 MessageTooLargeError(
-                    f"{'response' if response else 'event'} of {len(data)} bytes"
+                    f"{'response' if response else 'event'} of {size} bytes"
                     f" exceeds the connection's {self.maxMessageSize}-byte limit"
                 )
             )
         try:
             if response:
-                queued = channels.sendResponse(data)
+                queued = channels.sendResponse(header, payload)
                 self._stats.responses += 1
             else:
-                queued = channels.sendEvent(data)
+                queued = channels.sendEvent(header, payload)
                 self._stats.events += 1
         except OSError as e:
             return fail(QBError(f"send failed: {e.strerror}", e.errno))

@@ -112,15 +112,20 @@ class _RingWriter:
         self._clock = clock
         self._ring = ring
         self._afterWrite = afterWrite
-        self._queue: Deque[Tuple[bytes, Deferred[None]]] = deque()
+        self._queue: Deque[Tuple[bytes, bytes, Deferred[None]]] = deque()
         self._call: Optional[IDelayedCall] = None
         self._delay = _RETRY_FIRST
         self.closed = False
 
-    def write(self, data: bytes) -> Optional[Deferred[None]]:
+    def write(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+        """
+        Write one chunk of two pieces (a header and its payload): at once,
+        or later, in order (then the payload is copied unless it is
+        C{bytes}: the caller's buffer may change or be a view of a ring).
+        """
         if not self._queue:
             try:
-                self._ring.write(data)
+                self._ring.write(header, payload)
             except RingError as e:
                 if e.errno != errno.EAGAIN:
                     raise OSError(e.errno, str(e)) from None
@@ -128,7 +133,7 @@ class _RingWriter:
                 self._afterWrite()
                 return None
         d: Deferred[None] = Deferred()
-        self._queue.append((data, d))
+        self._queue.append((header, payload if isinstance(payload, bytes) else bytes(payload), d))
         if self._call is None:
             self._call = self._clock.callLater(self._delay, self._retry)
         return d
@@ -143,9 +148,9 @@ class _RingWriter:
     def _retry(self) -> None:
         self._call = None
         while self._queue:
-            data, d = self._queue[0]
+            header, payload, d = self._queue[0]
             try:
-                self._ring.write(data)
+                self._ring.write(header, payload)
             except RingError:
                 self._delay = min(self._delay * 2, _RETRY_MAX)
                 self._call = self._clock.callLater(self._delay, self._retry)
@@ -163,7 +168,7 @@ class _RingWriter:
             self._call.cancel()
             self._call = None
         queue, self._queue = self._queue, deque()
-        for _, d in queue:
+        for _, _, d in queue:
             d.errback(Failure(reason))
 
 
@@ -271,13 +276,13 @@ class ServerShmChannels:
                 self._unmap()
                 return
 
-    def sendResponse(self, data: bytes) -> Optional[Deferred[None]]:
+    def sendResponse(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
         """Commit a response; the client is waiting on the semaphore."""
-        return self._responses.write(data)
+        return self._responses.write(header, payload)
 
-    def sendEvent(self, data: bytes) -> Optional[Deferred[None]]:
+    def sendEvent(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
         """Commit an event and ring its doorbell."""
-        return self._events.write(data)
+        return self._events.write(header, payload)
 
     def eventQueueLength(self) -> int:
         """Events committed and not yet read, from the event semaphore."""
@@ -459,11 +464,11 @@ class ClientShmChannels:
             return 0
         return self._request.ring.userWord()
 
-    def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
+    def sendRequest(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
         """Commit a request; waits (in order) while the ring is full."""
         if self.closed:
             raise OSError(errno.ENOTCONN, "connection closed")
-        return self._requests.write(data)
+        return self._requests.write(header, payload)
 
     def awaiting(self, outstanding: bool) -> None:
         """Whether responses are outstanding: only then the waiter waits."""

@@ -137,13 +137,13 @@ class ServerSocketChannels:
     def setupBytesReceived(self, data: bytes) -> None:
         """Bytes on the setup socket mean nothing in this transport."""
 
-    def sendResponse(self, data: bytes) -> Optional[Deferred[None]]:
+    def sendResponse(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
         """Send one response datagram (queued while the socket is full)."""
-        return self.requests.send(data)
+        return self.requests.send(header, payload)
 
-    def sendEvent(self, data: bytes) -> Optional[Deferred[None]]:
+    def sendEvent(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
         """Send one event datagram and count it for queue-length stats."""
-        result = self.events.send(data)
+        result = self.events.send(header, payload)
         if self._control is not None:
             _add(self._control, CONTROL_EVENT_SENT, 1)
         return result
@@ -229,9 +229,9 @@ class ClientSocketChannels:
             return 0
         return loadInt(self._control, CONTROL_REQUEST_FLOW_CONTROL)
 
-    def sendRequest(self, data: bytes) -> Optional[Deferred[None]]:
+    def sendRequest(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
         """Send one request datagram, counting it as libqb's client does."""
-        result = self.requests.send(data)
+        result = self.requests.send(header, payload)
         if self._control is not None:
             _add(self._control, CONTROL_REQUEST_SENT, 1)
         return result

@@ -33,6 +33,8 @@ __all__ = [
     "Message",
     "encodeRequest",
     "encodeResponse",
+    "requestHeader",
+    "responseHeader",
     "decodeRequest",
     "decodeResponse",
 ]
@@ -95,26 +97,35 @@ def _checkId(msgId: int) -> None:
         raise OverflowError(f"message id {msgId} does not fit in an int32")
 
 
-def encodeRequest(msgId: int, payload: Buffer = b"") -> bytes:
+def requestHeader(msgId: int, payloadLength: int) -> bytes:
     """
-    Frame a request: a 16-byte header followed by ``payload``.
+    A request's 16-byte header, for a payload sent after it: the
+    transports write header and payload as two pieces of one message, so
+    a large payload is never copied just to put a header in front.
 
     The header's ``size`` is the total length, as libqb requires.
     """
     _checkId(msgId)
-    return REQUEST_HEADER.pack(msgId, REQUEST_HEADER_SIZE + len(payload)) + payload
+    return REQUEST_HEADER.pack(msgId, REQUEST_HEADER_SIZE + payloadLength)
+
+
+def responseHeader(msgId: int, error: int, payloadLength: int) -> bytes:
+    """A response's or an event's 24-byte header (see L{requestHeader})."""
+    _checkId(msgId)
+    _checkId(error)
+    return RESPONSE_HEADER.pack(msgId, RESPONSE_HEADER_SIZE + payloadLength, error)
+
+
+def encodeRequest(msgId: int, payload: Buffer = b"") -> bytes:
+    """Frame a request: a 16-byte header followed by ``payload``."""
+    return requestHeader(msgId, len(payload)) + payload
 
 
 def encodeResponse(msgId: int, error: int, payload: Buffer = b"") -> bytes:
     """
     Frame a response or an event: a 24-byte header followed by ``payload``.
     """
-    _checkId(msgId)
-    _checkId(error)
-    return (
-        RESPONSE_HEADER.pack(msgId, RESPONSE_HEADER_SIZE + len(payload), error)
-        + payload
-    )
+    return responseHeader(msgId, error, len(payload)) + payload
 
 
 def decodeRequest(data: Buffer, maxSize: int, copy: bool = True) -> Message:

@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 Buffer = Union[bytearray, memoryview, "mmap.mmap"]
+Piece = Union[bytes, bytearray, memoryview]
+"""What a chunk is written from: any bytes-like object."""
 
 # Offsets in the header file (struct qb_ringbuffer_shared_s, x86-64).
 WRITE_PT = 0
@@ -230,7 +232,7 @@ class Ring:
 
     # Writing
 
-    def write(self, *parts: bytes) -> None:
+    def write(self, *parts: Piece) -> None:
         """
         Commit one chunk made of ``parts``, in libqb's order: size 0 and
         ALLOCATED, payload, size, write pointer, COMMITTED, then the
@@ -271,7 +273,7 @@ class Ring:
         dw[(p + 1) % words] = MAGIC_COMMITTED
         self._sem.post()
 
-    def _copyIn(self, offset: int, part: bytes) -> int:
+    def _copyIn(self, offset: int, part: Piece) -> int:
         data, n = self._data, len(part)
         first = min(n, self.size - offset)
         piece = memoryview(part)
