@@ -15,6 +15,8 @@ import sys
 from typing import Any, Iterator, List, Tuple
 
 import pytest
+import pytest_twisted
+from twisted.internet import threads
 
 from txqb._posix.files import MirroredMap
 from txqb._posix.semaphore import SharedSemaphore
@@ -252,3 +254,47 @@ def test_mirroredMapOutlivesClose(tmp_path: Any) -> None:
     assert mappings() == 0
     with pytest.raises(ValueError, match="whole pages"):
         MirroredMap(-1, 100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fullRingWaitsForItsReader(shared: Tuple[Any, Any, Mapped], reactor: Any) -> None:
+    """
+    A txqb writer facing a full ring goes on by itself once libqb's
+    reader (another thread, telling nobody) makes room: the room
+    watcher sees it, no kick and no timer needed, and the chunks reach
+    the reader whole and in order.
+    """
+    import threading
+
+    from txqb._reactor.shmtransport import _RingWriter
+
+    class NoTimers:
+        callFromThread = reactor.callFromThread
+
+        def callLater(self, *args: Any) -> None:
+            raise AssertionError("a full ring was retried on a timer")
+
+    qb, rb, mapped = shared
+    writer = _RingWriter(NoTimers(), mapped.ring, lambda: None)
+    sent = [_message(i) for i in range(40)]
+    results = [writer.write(m[:2], m[2:]) for m in sent]
+    waiting = [d for d in results if d is not None]
+    assert waiting, "the ring never filled"
+    got: List[bytes] = []
+
+    def read() -> None:
+        out = ctypes.create_string_buffer(8192)
+        while len(got) < len(sent):
+            n = qb.qb_rb_chunk_read(rb, out, 8192, 5000)
+            assert n > 0, n
+            got.append(out.raw[:n])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for d in waiting:
+            await d
+    finally:
+        await threads.deferToThread(reader.join, 30)
+    assert got == sent
+    writer.close(OSError("done"))

@@ -14,7 +14,7 @@ import errno
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
@@ -27,7 +27,7 @@ from txqb._posix.shmring import removeIfOrphaned as _removeIfOrphaned
 from txqb._wire.handshake import TRANSPORT_SHM
 from txqb._wire.headers import Buffer
 from txqb._wire.naming import shmNames
-from txqb._wire.ring import USER_DATA, Ring, RingError, storeWord
+from txqb._wire.ring import CHUNK_OVERHEAD, USER_DATA, Ring, RingError, storeWord
 
 __all__ = ["ServerShmChannels", "ClientShmChannels", "SharedRing"]
 
@@ -40,6 +40,12 @@ the reactor thread for the GIL and a core (see docs/performance.rst).
 
 _RETRY_FIRST = 0.0005
 _RETRY_MAX = 0.02
+# How often the room watcher looks at full rings: every 100 us for the
+# first 20 ms of a wait (a reader takes a large chunk within that), then
+# every millisecond up to half a second, then every 10 ms (a stalled
+# reader costs next to nothing).  A thread lingers a second once idle.
+_WATCH_STEPS = ((0.02, 0.0001), (0.5, 0.001), (float("inf"), 0.01))
+_WATCH_LINGER = 1.0
 # How often and how long a client looks for a dead server's files (0.2 s).
 _ORPHAN_CHECKS = 10
 _ORPHAN_CHECK_INTERVAL = 0.02
@@ -101,11 +107,84 @@ class _Doorbell:
             self._flush()
 
 
+class _RoomWatcher:
+    """
+    Watches full rings for room, for every writer of the process, in one
+    thread that exists only while some writer waits (and a little after).
+
+    A ring's reader frees room without telling anyone (libqb's writers
+    get ``-EAGAIN`` and try again), and a timer on the reactor cannot look
+    more often than every millisecond (the resolution of ``epoll_wait``),
+    which for large chunks costs most of the time: a 1 MiB ring holds one
+    1 MiB chunk, and its reader takes it in about 100 us.  This thread
+    looks at the waiting rings' pointers every 100 us while a wait is
+    young (see L{_WATCH_STEPS}) and wakes the reactor for a writer only
+    when its next chunk fits.  Between looks it sleeps without the GIL.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._writers: Set[_RingWriter] = set()
+        self._thread: Optional[threading.Thread] = None
+        self._wake = threading.Event()
+        self._since = 0.0
+
+    def watch(self, writer: _RingWriter) -> None:
+        """Reactor thread: tell C{writer} (with C{kick}) once it has room."""
+        with self._lock:
+            if not self._writers:
+                self._since = time.monotonic()
+            self._writers.add(writer)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="txqb-shm-room",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def unwatch(self, writer: _RingWriter) -> None:
+        """Reactor thread: C{writer} no longer waits."""
+        with self._lock:
+            self._writers.discard(writer)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                writers = list(self._writers)
+                if not writers:
+                    self._wake.clear()
+            if not writers:
+                if not self._wake.wait(_WATCH_LINGER):
+                    with self._lock:
+                        if not self._writers:
+                            self._thread = None
+                            return
+                continue
+            for writer in writers:
+                if writer.hasRoom():
+                    with self._lock:
+                        self._writers.discard(writer)
+                        self._since = time.monotonic()
+                    call = writer.callFromThread
+                    if call is not None:
+                        call(writer.kick)
+            waited = time.monotonic() - self._since
+            for limit, interval in _WATCH_STEPS:
+                if waited < limit:
+                    time.sleep(interval)
+                    break
+
+
+_roomWatcher = _RoomWatcher()
+
+
 class _RingWriter:
     """
     Writes chunks into a ring; when it is full, keeps them in order and
-    retries on a short, growing timer (the reader frees space without
-    telling the writer: libqb's server returns ``-EAGAIN`` instead).
+    retries once the ring has room (the reader frees space without
+    telling the writer: libqb's server returns ``-EAGAIN`` instead): when
+    L{kick}ed (the peer did something that shows it read), or when the
+    L{_RoomWatcher} sees room; with a clock that has no C{callFromThread}
+    (tests), on a short, growing timer.
     """
 
     def __init__(self, clock: IReactorTime, ring: Ring, afterWrite: Callable[[], None]) -> None:
@@ -115,7 +194,26 @@ class _RingWriter:
         self._queue: Deque[Tuple[bytes, bytes, Deferred[None]]] = deque()
         self._call: Optional[IDelayedCall] = None
         self._delay = _RETRY_FIRST
+        self._watching = False
+        self.callFromThread: Optional[Callable[..., None]] = getattr(clock, "callFromThread", None)
         self.closed = False
+
+    def hasRoom(self) -> bool:
+        """Any thread: whether the next queued chunk fits now."""
+        try:
+            header, payload, _ = self._queue[0]
+            room: bool = self._ring.freeSpace() >= len(header) + len(payload) + CHUNK_OVERHEAD
+            return room
+        except Exception:
+            return True  # closed or emptied meanwhile: let the reactor thread see
+
+    def _wait(self) -> None:
+        if self.callFromThread is not None:
+            if not self._watching:
+                self._watching = True
+                _roomWatcher.watch(self)
+        elif self._call is None:
+            self._call = self._clock.callLater(self._delay, self._retry)
 
     def write(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
         """
@@ -134,14 +232,17 @@ class _RingWriter:
                 return None
         d: Deferred[None] = Deferred()
         self._queue.append((header, payload if isinstance(payload, bytes) else bytes(payload), d))
-        if self._call is None:
-            self._call = self._clock.callLater(self._delay, self._retry)
+        self._wait()
         return d
 
     def kick(self) -> None:
-        """The reader has just taken something: retry the queue now."""
-        if self._queue and self._call is not None:
-            self._call.cancel()
+        """The reader has (perhaps) just taken something: retry the queue now."""
+        if self._watching:
+            self._watching = False
+            _roomWatcher.unwatch(self)
+        if self._queue and not self.closed:
+            if self._call is not None:
+                self._call.cancel()
             self._delay = _RETRY_FIRST
             self._retry()
 
@@ -153,7 +254,7 @@ class _RingWriter:
                 self._ring.write(header, payload)
             except RingError:
                 self._delay = min(self._delay * 2, _RETRY_MAX)
-                self._call = self._clock.callLater(self._delay, self._retry)
+                self._wait()
                 return
             self._queue.popleft()
             self._afterWrite()
@@ -164,6 +265,9 @@ class _RingWriter:
 
     def close(self, reason: BaseException) -> None:
         self.closed = True
+        if self._watching:
+            self._watching = False
+            _roomWatcher.unwatch(self)
         if self._call is not None:
             self._call.cancel()
             self._call = None
