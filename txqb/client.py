@@ -485,14 +485,14 @@ class Client:
     # Receiving
 
     def _responseReceived(self, data: Buffer) -> None:
+        decoded: Union[Message, MalformedMessage]
+        try:
+            decoded = decodeResponse(data, self._receiveSize, copy=not self._zeroCopy)
+        except MalformedMessage as e:
+            decoded = e
         if not self._zeroCopy:
-            # Copy the payload out first, so that the channel has its room
-            # back before any callback runs (and maybe sends).
-            decoded: Union[Message, MalformedMessage]
-            try:
-                decoded = decodeResponse(data, self._receiveSize)
-            except MalformedMessage as e:
-                decoded = e
+            # The payload is copied out: the channel has its room back
+            # before any callback runs (and maybe sends).
             self._channels.consumed()
             self._takeResponse(decoded)
             return
@@ -501,13 +501,21 @@ class Client:
         # a C server drops a response it finds no room for.
         self._deliveringInPlace = True
         try:
-            self._takeResponse(data)
+            self._takeResponse(decoded)
         finally:
             self._deliveringInPlace = False
         if self._blocked and self._fcCall is None:
             self._fcCall = self._clock.callLater(0, self._pump)
 
-    def _takeResponse(self, data: Union[Buffer, Message, MalformedMessage]) -> None:
+    def _takeResponse(self, message: Union[Message, MalformedMessage]) -> None:
+        try:
+            self._pairResponse(message)
+        finally:
+            if self._zeroCopy and isinstance(message, Message):
+                view: Any = message.payload
+                view.release()
+
+    def _pairResponse(self, message: Union[Message, MalformedMessage]) -> None:
         self._channels.drainEvents()
         try:
             waiter = self._replies.pop()
@@ -522,22 +530,10 @@ class Client:
             self._pump()
         if waiter is None:
             return
-        if isinstance(data, Message):
-            message = data
-        else:
-            try:
-                if isinstance(data, MalformedMessage):
-                    raise data
-                message = decodeResponse(data, self._receiveSize, copy=False)
-            except MalformedMessage as e:
-                waiter.errback(ProtocolError(f"malformed response: {e.reason}", e.errno))
-                return
-        try:
-            waiter.callback(message)
-        finally:
-            if self._zeroCopy:
-                view: Any = message.payload
-                view.release()
+        if isinstance(message, MalformedMessage):
+            waiter.errback(ProtocolError(f"malformed response: {message.reason}", message.errno))
+            return
+        waiter.callback(message)
 
     def _eventReceived(self, data: Buffer) -> None:
         try:

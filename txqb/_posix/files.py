@@ -18,6 +18,8 @@ import string
 import weakref
 from typing import Optional, Union
 
+from txqb._posix.libc import libc as _libc
+
 __all__ = [
     "SHM_DIR",
     "PrivateDirectory",
@@ -192,7 +194,6 @@ def mapFile(fd: int, size: int) -> mmap.mmap:
     return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,

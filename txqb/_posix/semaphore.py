@@ -24,26 +24,15 @@ import os
 import time
 from typing import Optional
 
+from txqb._posix.libc import libc as _libc
+from txqb._posix.libc import libcKeepingGil as _libcKeepingGil
+
 __all__ = ["SharedSemaphore", "SEM_SIZE"]
 
 SEM_SIZE = 32
 """``sizeof(sem_t)`` on x86-64 glibc."""
 
 
-def _loadLibc(keepGil: bool) -> ctypes.CDLL:
-    # glibc's soname first: importing ctypes.util (for find_library) costs
-    # more than a short-lived client's whole request.
-    kind = ctypes.PyDLL if keepGil else ctypes.CDLL
-    try:
-        return kind("libc.so.6", use_errno=True)
-    except OSError:
-        from ctypes.util import find_library
-
-        return kind(find_library("c"), use_errno=True)
-
-
-_libc = _loadLibc(False)
-_libcKeepingGil = _loadLibc(True)
 for _lib in (_libc, _libcKeepingGil):
     for _name in ("sem_post", "sem_trywait", "sem_getvalue", "sem_init", "sem_timedwait",
                   "sem_destroy"):

@@ -132,8 +132,8 @@ class _RoomWatcher:
     def watch(self, writer: _RingWriter) -> None:
         """Reactor thread: tell C{writer} (with C{kick}) once it has room."""
         with self._lock:
-            if not self._writers:
-                self._since = time.monotonic()
+            # A new wait is young: look often again.
+            self._since = time.monotonic()
             self._writers.add(writer)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="txqb-shm-room",
@@ -164,9 +164,7 @@ class _RoomWatcher:
                     with self._lock:
                         self._writers.discard(writer)
                         self._since = time.monotonic()
-                    call = writer.callFromThread
-                    if call is not None:
-                        call(writer.kick)
+                    writer.wake()
             waited = time.monotonic() - self._since
             for limit, interval in _WATCH_STEPS:
                 if waited < limit:
@@ -195,25 +193,38 @@ class _RingWriter:
         self._call: Optional[IDelayedCall] = None
         self._delay = _RETRY_FIRST
         self._watching = False
-        self.callFromThread: Optional[Callable[..., None]] = getattr(clock, "callFromThread", None)
+        self._callFromThread: Optional[Callable[..., None]] = getattr(
+            clock, "callFromThread", None
+        )
         self.closed = False
 
     def hasRoom(self) -> bool:
-        """Any thread: whether the next queued chunk fits now."""
+        """Watcher thread: whether the next queued chunk fits now."""
         try:
             header, payload, _ = self._queue[0]
             room: bool = self._ring.freeSpace() >= len(header) + len(payload) + CHUNK_OVERHEAD
             return room
-        except Exception:
-            return True  # closed or emptied meanwhile: let the reactor thread see
+        except (IndexError, ValueError, OSError):
+            # Emptied or closed meanwhile: let the reactor thread see.
+            return True
+
+    def wake(self) -> None:
+        """Watcher thread: have the reactor thread retry (L{kick})."""
+        assert self._callFromThread is not None  # only such writers are watched
+        self._callFromThread(self.kick)
 
     def _wait(self) -> None:
-        if self.callFromThread is not None:
+        if self._callFromThread is not None:
             if not self._watching:
                 self._watching = True
                 _roomWatcher.watch(self)
         elif self._call is None:
             self._call = self._clock.callLater(self._delay, self._retry)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            _roomWatcher.unwatch(self)
 
     def write(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
         """
@@ -237,9 +248,7 @@ class _RingWriter:
 
     def kick(self) -> None:
         """The reader has (perhaps) just taken something: retry the queue now."""
-        if self._watching:
-            self._watching = False
-            _roomWatcher.unwatch(self)
+        self._unwatch()
         if self._queue and not self.closed:
             if self._call is not None:
                 self._call.cancel()
@@ -265,9 +274,7 @@ class _RingWriter:
 
     def close(self, reason: BaseException) -> None:
         self.closed = True
-        if self._watching:
-            self._watching = False
-            _roomWatcher.unwatch(self)
+        self._unwatch()
         if self._call is not None:
             self._call.cancel()
             self._call = None
