@@ -80,6 +80,14 @@ class SharedSemaphore:
         self._pointer: Optional[ctypes.c_void_p] = ctypes.c_void_p(self._address)
         self._timespec = _Timespec()
         self._value = ctypes.c_int()
+        # glibc's 64-bit sem_t: the count in the low 32 bits of its first
+        # word, the number of sleeping waiters in the high 32 (see
+        # setWaiting); only used where txqb._posix.futex says so.
+        self._words: Optional[ctypes.Array[ctypes.c_uint32]] = (
+            ctypes.c_uint32 * 2
+        ).from_buffer(buffer, offset)
+        self.countAddress = self._address
+        """Where the count is: the futex ``sem_post`` wakes."""
 
     def initialize(self) -> None:
         """``sem_init(pshared=1, 0)``: a zeroed ``sem_t`` is process-private and loses wake-ups."""
@@ -128,8 +136,32 @@ class SharedSemaphore:
                 _raise("sem_timedwait")
         return True
 
+    def count(self) -> int:
+        """
+        The count, read from memory (no call, and nothing is taken): for a
+        watcher that only needs to know whether a count is there.
+        """
+        assert self._words is not None
+        return self._words[0]
+
+    def setWaiting(self, waiting: bool) -> None:
+        """
+        Say whether a thread sleeps on L{countAddress} with ``futex_waitv``
+        (see L{txqb._posix.futex}): ``sem_post`` wakes the count's futex
+        only while the waiter count is not 0, which ``sem_wait`` keeps by
+        atomic increments of its own.  Here one thread of this process is
+        the semaphore's only waiter (no ``sem_wait`` runs on it: a
+        response semaphore has one client), so the word is simply stored,
+        with one aligned 4-byte write: a peer's atomic add to the whole
+        64-bit word sees it before or after, never torn, and a
+        ``sem_trywait`` keeps it.
+        """
+        assert self._words is not None
+        self._words[1] = 1 if waiting else 0
+
     def release(self) -> None:
         """Drop the pointer into the mapping so that it can be closed."""
         self._anchor = None
+        self._words = None
         self._address = 0
         self._pointer = None

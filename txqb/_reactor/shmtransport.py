@@ -11,16 +11,18 @@ and announces each event with one byte on the setup socket after the post.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.python.failure import Failure
 
 from txqb._posix.files import PrivateDirectory
+from txqb._posix.futex import WAITV_MAX, WaitList, waitvAvailable
 from txqb._posix.semaphore import SharedSemaphore
 from txqb._posix.shmring import SharedRing
 from txqb._posix.shmring import removeIfOrphaned as _removeIfOrphaned
@@ -36,6 +38,14 @@ RESPONSE_SPIN = 0.0
 Seconds the response waiter polls ``sem_trywait`` before it blocks in
 ``sem_timedwait``.  Off by default: a spinning Python thread competes with
 the reactor thread for the GIL and a core (see docs/performance.rst).
+"""
+
+WATCH_RESPONSES = True
+"""
+Wait for the responses of all of a process's SHM connections in one
+thread (L{_ResponseWatch}, with ``futex_waitv``) where the kernel and
+glibc allow it; if False, or where they do not, a thread per connection
+waits in ``sem_timedwait`` (L{_ResponseWaiter}).
 """
 
 _RETRY_FIRST = 0.0005
@@ -518,6 +528,207 @@ class _ResponseWaiter(threading.Thread):
             self._reactor.callFromThread(self._onExit)
 
 
+class _ResponseWatch:
+    """
+    Waits for responses on up to L{CAPACITY} SHM connections of this
+    process in one thread, with ``futex_waitv`` (see L{txqb._posix.futex});
+    L{_ResponseWaiter} needs a thread per connection instead, and a
+    hundred threads contending for the GIL cost more than the responses.
+
+    The thread only looks: it never takes a count.  A connection is armed
+    (L{arm}) while responses are outstanding and none is known to be
+    there; once the thread sees its count above 0 it disarms it and hands
+    it to its reactor, one ``callFromThread`` for all it found at once.
+    The reactor thread takes the counts with ``sem_trywait`` as it reads
+    the responses, and re-arms once it finds none.  Re-arming a
+    connection must wake the thread (the kernel reads the wait list only
+    when a wait starts); while the reactor thread delivers a hand-over,
+    those wake-ups are held and sent once at its end.
+
+    All shared state (the wait list, the armed set) changes under one
+    lock, and the thread reads a connection's semaphore only under it:
+    once L{remove} returns, the connection's maps may be closed.
+    """
+
+    CAPACITY = WAITV_MAX - 1
+    """Connections per thread (slot 0 of the wait list is its control)."""
+
+    LINGER = 1.0
+    """Seconds the thread lives on once it watches no connection."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._list = WaitList(WAITV_MAX)
+        self._slots: List[Optional[_WatchedSemaphore]] = [None] * WAITV_MAX
+        self._free = list(range(self.CAPACITY, 0, -1))
+        self._armed: Set[_WatchedSemaphore] = set()
+        self._thread: Optional[threading.Thread] = None
+        self._sleeping = False
+        self._holding = 0
+        self._heldWake = False
+
+    def full(self) -> bool:
+        """Whether every slot is taken (any thread)."""
+        with self._lock:
+            return not self._free
+
+    def add(self, watched: _WatchedSemaphore) -> bool:
+        """Reactor thread: watch a connection, if a slot is free."""
+        with self._lock:
+            if not self._free:
+                return False
+            watched.slot = self._free.pop()
+            self._slots[watched.slot] = watched
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="txqb-shm-responses",
+                                                daemon=True)
+                self._thread.start()
+            return True
+
+    def remove(self, watched: _WatchedSemaphore) -> None:
+        """Reactor thread: stop watching; the thread no longer reads it."""
+        with self._lock:
+            slot = watched.slot
+            if slot is None:
+                return
+            watched.slot = None
+            self._armed.discard(watched)
+            self._list.clear(slot)
+            self._slots[slot] = None
+            self._free.append(slot)
+            wake = self._sleeping
+        if wake:
+            self._list.wake()
+
+    def arm(self, watched: _WatchedSemaphore) -> None:
+        """Reactor thread: tell C{watched}'s reactor once its count is up."""
+        with self._lock:
+            if watched.slot is None or watched in self._armed:
+                return
+            self._armed.add(watched)
+            watched.semaphore.setWaiting(True)
+            self._list.point(watched.slot, watched.semaphore.countAddress)
+            if not self._sleeping:
+                return  # it looks at the armed set before it sleeps
+            if self._holding:
+                self._heldWake = True
+                return
+        self._list.wake()
+
+    def _deliver(self, ready: List[_WatchedSemaphore]) -> None:
+        """Reactor thread: the connections in C{ready} have responses."""
+        self._holding += 1
+        try:
+            for watched in ready:
+                if watched.slot is not None:
+                    watched.onReady()
+        finally:
+            self._holding -= 1
+            if not self._holding and self._heldWake:
+                self._heldWake = False
+                self._list.wake()
+
+    def _look(self) -> Dict[Any, List[_WatchedSemaphore]]:
+        # Under the lock: disarm and collect the connections with a count.
+        found: Dict[Any, List[_WatchedSemaphore]] = {}
+        for watched in [w for w in self._armed if w.semaphore.count()]:
+            self._armed.discard(watched)
+            watched.semaphore.setWaiting(False)
+            assert watched.slot is not None
+            self._list.clear(watched.slot)
+            found.setdefault(watched.reactor, []).append(watched)
+        return found
+
+    def _run(self) -> None:
+        idleSince: Optional[float] = None
+        while True:
+            with self._lock:
+                found = self._look()
+                if not found:
+                    if len(self._free) < self.CAPACITY:
+                        idleSince = None
+                    elif idleSince is None:
+                        idleSince = time.monotonic()
+                    elif time.monotonic() - idleSince >= self.LINGER:
+                        self._thread = None
+                        return
+                    self._list.prepare()
+                    self._sleeping = True
+                    timeout = None if idleSince is None else self.LINGER
+            for reactor, ready in found.items():
+                reactor.callFromThread(self._deliver, ready)
+            if found:
+                continue
+            try:
+                self._list.wait(WAITV_MAX, timeout)
+            finally:
+                with self._lock:
+                    self._sleeping = False
+
+
+_responseWatches: List[_ResponseWatch] = []
+
+
+def _forgetThreads() -> None:
+    # A forked child has only the thread that forked: it starts its own
+    # watchers (with locks no thread of the parent may hold).
+    global _roomWatcher
+    _roomWatcher = _RoomWatcher()
+    del _responseWatches[:]
+
+
+os.register_at_fork(after_in_child=_forgetThreads)
+
+
+def _watchResponses(watched: _WatchedSemaphore) -> None:
+    """Give C{watched} a slot in a watch thread, a new one if all are full."""
+    for watch in _responseWatches:
+        if watch.add(watched):
+            watched.watch = watch
+            return
+    watch = _ResponseWatch()
+    _responseWatches.append(watch)
+    watch.add(watched)
+    watched.watch = watch
+
+
+class _WatchedSemaphore:
+    """
+    One connection's response semaphore, watched by a L{_ResponseWatch}:
+    the same face to L{ClientShmChannels} as L{_ResponseWaiter}.
+    """
+
+    def __init__(self, reactor: Any, semaphore: SharedSemaphore,
+                 onResponse: Callable[[int], None], onExit: Callable[[], None]) -> None:
+        self.reactor = reactor
+        self.semaphore = semaphore
+        self._onResponse = onResponse
+        self._onExit = onExit
+        self.slot: Optional[int] = None
+        self.watch: Optional[_ResponseWatch] = None
+        self.outstanding = False
+        self.stopping = False
+
+    def start(self) -> None:
+        """Take a slot in a watch thread."""
+        _watchResponses(self)
+
+    def onReady(self) -> None:
+        """Reactor thread: the count is up; the channels take it."""
+        self._onResponse(0)
+
+    def arm(self) -> None:
+        """Reactor thread: be told once the count is up (again)."""
+        assert self.watch is not None
+        if self.stopping:
+            self.watch.remove(self)
+            # As the per-connection waiter does: the maps are closed on a
+            # later turn, never inside the call that closed the channels.
+            self.reactor.callFromThread(self._onExit)
+        else:
+            self.watch.arm(self)
+
+
 class ClientShmChannels:
     """A client's end of one SHM connection."""
 
@@ -564,7 +775,12 @@ class ClientShmChannels:
         # many bytes as it processed chunks and blocks until they come.
         self._doorbell = _Doorbell(reactor, setup, b"\x18")
         self._requests = _RingWriter(reactor, self._request.ring, self._doorbell.ring)
-        self._waiter = _ResponseWaiter(
+        waiterType = (
+            _WatchedSemaphore
+            if WATCH_RESPONSES and waitvAvailable() and hasattr(reactor, "callFromThread")
+            else _ResponseWaiter
+        )
+        self._waiter: Union[_ResponseWaiter, _WatchedSemaphore] = waiterType(
             reactor, self._response.semaphore, self._responseCounted, self._waiterExited
         )
         self._waiter.start()

@@ -10,6 +10,7 @@ reactor but L{IReactorFDSet}.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import socket
 from typing import Optional, Protocol as TypingProtocol
@@ -20,11 +21,19 @@ from twisted.internet.interfaces import IReactorFDSet
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from txqb._posix.libc import libcKeepingGil as _libcKeepingGil
 from txqb._posix.sockets import CREDENTIALS_CMSG_SPACE, Credentials, parseCredentials
 
 __all__ = ["UnixStreamTransport", "UnixSetupAddress", "SetupOwner", "SetupProtocol"]
 
 _READ_SIZE = 65536
+_NOW_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+_libcKeepingGil.send.restype = ctypes.c_ssize_t
+_libcKeepingGil.send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+# A send that never blocks, without releasing the GIL: Python's own
+# socket.send releases it, and a thread waiting for it (a response
+# watcher) takes it then, so the reactor thread waits to get it back.
+_sendKeepingGil = _libcKeepingGil.send
 
 
 class SetupOwner(TypingProtocol):
@@ -155,12 +164,10 @@ class UnixStreamTransport(FileDescriptor):
         if self.dataBuffer or self._tempDataBuffer or self.disconnecting or self._fd < 0:
             self.write(data)
             return
-        try:
-            sent = self.socket.send(data, socket.MSG_NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            # Let the ordinary write path find the error and close.
+        sent = _sendKeepingGil(self._fd, data, len(data), _NOW_FLAGS)
+        if sent < 0:
+            # Full, interrupted or broken: the ordinary write path waits
+            # or finds the error and closes.
             sent = 0
         if sent < len(data):
             self.write(data[sent:])
