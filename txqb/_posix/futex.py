@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from txqb._posix.libc import libc as _libc
 from txqb._posix.libc import libcKeepingGil as _libcKeepingGil
+from txqb._posix.semaphore import GLIBC_LAYOUT
 
 __all__ = ["WAITV_MAX", "WaitList", "waitvAvailable"]
 
@@ -73,22 +74,11 @@ def waitvAvailable() -> bool:
     """
     global _available
     if _available is None:
-        _available = (
-            sys.platform.startswith("linux")
-            and sys.byteorder == "little"
-            and ctypes.sizeof(ctypes.c_void_p) == 8
-            and _machine() in _SYS_FUTEX
-            and _probe()
-        )
+        _available = GLIBC_LAYOUT and sys.platform.startswith("linux") and _probe()
     return _available
 
 
 def _probe() -> bool:
-    try:
-        if os.confstr("CS_GNU_LIBC_VERSION") is None:
-            return False
-    except (ValueError, OSError):
-        return False
     # No futexes at all: EINVAL where the call exists, ENOSYS where not.
     zero = ctypes.c_long(0)
     if _libcKeepingGil.syscall(ctypes.c_long(_SYS_FUTEX_WAITV), None, zero, zero, None, zero) == 0:

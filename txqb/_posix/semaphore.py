@@ -21,6 +21,7 @@ import ctypes
 import errno
 import mmap
 import os
+import sys
 import time
 from typing import Optional
 
@@ -31,6 +32,24 @@ __all__ = ["SharedSemaphore", "SEM_SIZE"]
 
 SEM_SIZE = 32
 """``sizeof(sem_t)`` on x86-64 glibc."""
+
+
+def _knownLayout() -> bool:
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError):
+        glibc = False
+    return (glibc and sys.byteorder == "little" and ctypes.sizeof(ctypes.c_void_p) == 8
+            and os.uname().machine in ("x86_64", "aarch64"))
+
+
+GLIBC_LAYOUT = _knownLayout()
+"""
+Whether ``sem_t`` is glibc's 64-bit layout here: the count in the low 32
+bits of its first 64-bit word, the number of sleeping waiters in the high
+32 (x86-64 and aarch64).  Then the count is read from memory, with no
+call, as ``sem_getvalue`` itself reads it.
+"""
 
 
 for _lib in (_libc, _libcKeepingGil):
@@ -101,6 +120,8 @@ class SharedSemaphore:
 
     def tryWait(self) -> bool:
         """Take one from the count if it is positive; never blocks."""
+        if GLIBC_LAYOUT and not self._words[0]:  # type: ignore[index]
+            return False  # as sem_trywait would say, without the call
         if _tryWait(self._pointer) == 0:
             return True
         while True:
@@ -114,6 +135,8 @@ class SharedSemaphore:
 
     def value(self) -> int:
         """The current count."""
+        if GLIBC_LAYOUT:
+            return self.count()
         result = self._value
         if _getValue(self._pointer, result) != 0:
             _raise("sem_getvalue")

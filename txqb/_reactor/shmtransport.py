@@ -14,6 +14,7 @@ import errno
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
@@ -75,46 +76,103 @@ def _deliver(ring: Ring, chunk: Buffer, receiver: Callable[[Buffer], None]) -> N
     ring.reclaim()
 
 
+class _TurnEnd:
+    """
+    Marks the end of a reactor turn for all of a reactor's doorbells with
+    one C{callLater(0)}, where a call per doorbell would cost a timer and
+    its heap operations per connection per turn.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._call: Optional[IDelayedCall] = None
+        self._held: List[_Doorbell] = []
+        self.turn = 0
+        """Advances at the end of each turn in which a doorbell rang."""
+
+    def begin(self) -> None:
+        """A doorbell rang at once: end this turn once the reactor is done."""
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._end)
+
+    def hold(self, bell: _Doorbell) -> None:
+        """C{bell} holds bytes to send at the end of this turn."""
+        self._held.append(bell)
+
+    def _end(self) -> None:
+        self._call = None
+        self.turn += 1
+        held, self._held = self._held, []
+        for bell in held:
+            bell.flush()
+
+    def closed(self, bell: _Doorbell) -> None:
+        """C{bell} is closed (and flushed): no timer is left for nothing."""
+        if bell in self._held:
+            self._held.remove(bell)
+        if not self._held and self._call is not None:
+            # The next ring of any doorbell starts a new turn: always safe.
+            self._call.cancel()
+            self._call = None
+            self.turn += 1
+
+
+_turnEnds: "weakref.WeakKeyDictionary[Any, _TurnEnd]" = weakref.WeakKeyDictionary()
+
+
+def _turnEndFor(clock: IReactorTime) -> _TurnEnd:
+    try:
+        return _turnEnds[clock]
+    except KeyError:
+        end = _turnEnds[clock] = _TurnEnd(clock)
+        return end
+
+
 class _Doorbell:
     """
     One byte on the setup socket per committed chunk, batched: the first
     chunk of a reactor turn rings at once (a waiting peer wakes without
     delay), the rest of that turn's bytes go out together at the end of
-    the turn, or every L{BATCH} chunks, so a burst costs a few system
-    calls, not one each.  Every chunk still gets exactly one byte, after
-    its post.
+    the turn (L{_TurnEnd}), or every L{BATCH} chunks, so a burst costs a
+    few system calls, not one each.  Every chunk still gets exactly one
+    byte, after its post.
     """
 
     BATCH = 64
 
     def __init__(self, clock: IReactorTime, setup: ITransport, byte: bytes) -> None:
-        self._clock = clock
+        self._turnEnd = _turnEndFor(clock)
         self._send: Callable[[bytes], None] = getattr(setup, "writeNow", setup.write)
         self._byte = byte
         self._held = 0
-        self._call: Optional[IDelayedCall] = None
+        self._turn = -1
 
     def ring(self) -> None:
-        if self._call is None:
+        turnEnd = self._turnEnd
+        if self._turn != turnEnd.turn:
+            self._turn = turnEnd.turn
             self._send(self._byte)
-            self._call = self._clock.callLater(0, self._flush)
+            turnEnd.begin()
             return
+        if not self._held:
+            turnEnd.hold(self)
         self._held += 1
         if self._held >= self.BATCH:
-            self._held = 0
-            self._send(self._byte * self.BATCH)
+            # Still held (for the rest of this turn): count afresh.
+            self._held = 1
+            self._send(self._byte * (self.BATCH - 1))
 
-    def _flush(self) -> None:
-        self._call = None
+    def flush(self) -> None:
+        """Send the bytes held for this turn."""
         if self._held:
             held, self._held = self._held, 0
             self._send(self._byte * held)
 
     def close(self) -> None:
         """Ring what is held (the chunks are committed), stop the timer."""
-        if self._call is not None:
-            self._call.cancel()
-            self._flush()
+        self.flush()
+        self._turn = -1
+        self._turnEnd.closed(self)
 
 
 class _RoomWatcher:
@@ -592,6 +650,7 @@ class _ResponseWatch:
             if slot is None:
                 return
             watched.slot = None
+            watched.armed = False
             self._armed.discard(watched)
             self._list.clear(slot)
             self._slots[slot] = None
@@ -602,9 +661,12 @@ class _ResponseWatch:
 
     def arm(self, watched: _WatchedSemaphore) -> None:
         """Reactor thread: tell C{watched}'s reactor once its count is up."""
+        if watched.armed:
+            return  # (only this thread arms; the watch thread disarms, under the GIL)
         with self._lock:
-            if watched.slot is None or watched in self._armed:
+            if watched.slot is None:
                 return
+            watched.armed = True
             self._armed.add(watched)
             watched.semaphore.setWaiting(True)
             self._list.point(watched.slot, watched.semaphore.countAddress)
@@ -633,6 +695,7 @@ class _ResponseWatch:
         found: Dict[Any, List[_WatchedSemaphore]] = {}
         for watched in [w for w in self._armed if w.semaphore.count()]:
             self._armed.discard(watched)
+            watched.armed = False
             watched.semaphore.setWaiting(False)
             assert watched.slot is not None
             self._list.clear(watched.slot)
@@ -705,6 +768,8 @@ class _WatchedSemaphore:
         self._onResponse = onResponse
         self._onExit = onExit
         self.slot: Optional[int] = None
+        self.armed = False
+        """In its watch's armed set (changed under the watch's lock)."""
         self.watch: Optional[_ResponseWatch] = None
         self.outstanding = False
         self.stopping = False

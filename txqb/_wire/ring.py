@@ -241,7 +241,11 @@ class Ring:
         @raise RingError: ``EAGAIN`` when it does not fit now (libqb never
             blocks a writer), ``EMSGSIZE`` when it never could.
         """
-        size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
+        count = len(parts)
+        if count == 2:
+            size = len(parts[0]) + len(parts[1])
+        else:
+            size = len(parts[0]) if count == 1 else sum(map(len, parts))
         total = self.size
         if size + CHUNK_OVERHEAD > total:
             raise RingError(errno.EMSGSIZE, f"{size}-byte chunk exceeds the {total}-byte ring")
