@@ -125,18 +125,25 @@ class WaitList:
         self._noFlags = ctypes.c_long(0)
         self._clock = ctypes.c_long(_CLOCK_MONOTONIC)
 
-    def point(self, slot: int, address: int) -> None:
+    def point(self, slot: int, address: int, expected: int = 0) -> None:
         """
-        Slot C{slot} waits while the shared 32-bit word at C{address} is 0
-        (a process-shared futex: one a semaphore in a shared mapping is).
+        Slot C{slot} waits while the shared 32-bit word at C{address} holds
+        C{expected} (a process-shared futex: one a semaphore in a shared
+        mapping is).
         """
         waiter = self._array[slot]
+        waiter.val = expected
         waiter.uaddr = address
         waiter.flags = _FUTEX2_SIZE_U32
+
+    def expect(self, slot: int, expected: int) -> None:
+        """Slot C{slot} waits while its word holds C{expected}."""
+        self._array[slot].val = expected
 
     def clear(self, slot: int) -> None:
         """Slot C{slot} no longer ends a wait."""
         waiter = self._array[slot]
+        waiter.val = 0
         waiter.uaddr = self._zeroAddress
         waiter.flags = _FUTEX2_SIZE_U32 | _FUTEX2_PRIVATE
 
@@ -147,9 +154,17 @@ class WaitList:
         """
         self._array[0].val = self._control.value
 
+    def touch(self) -> None:
+        """
+        Make a L{wait} prepared but not yet started end at once (it finds
+        the control word changed); one already asleep sleeps on.  A plain
+        store: no call.
+        """
+        self._control.value = (self._control.value + 1) & 0xFFFFFFFF
+
     def wake(self) -> None:
         """End the current or next L{wait} (any thread; never blocks)."""
-        self._control.value = (self._control.value + 1) & 0xFFFFFFFF
+        self.touch()
         self._wake(self._futex, self._controlRef, *self._wakeOne)
 
     def wait(self, slots: int, timeout: Optional[float]) -> bool:

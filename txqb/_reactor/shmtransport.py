@@ -11,6 +11,7 @@ and announces each event with one byte on the setup socket after the post.
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 import threading
 import time
@@ -598,14 +599,26 @@ class _ResponseWatch:
     there; once the thread sees its count above 0 it disarms it and hands
     it to its reactor, one ``callFromThread`` for all it found at once.
     The reactor thread takes the counts with ``sem_trywait`` as it reads
-    the responses, and re-arms once it finds none.  Re-arming a
-    connection must wake the thread (the kernel reads the wait list only
-    when a wait starts); while the reactor thread delivers a hand-over,
-    those wake-ups are held and sent once at its end.
+    the responses, and re-arms once it finds none.
 
-    All shared state (the wait list, the armed set) changes under one
-    lock, and the thread reads a connection's semaphore only under it:
-    once L{remove} returns, the connection's maps may be closed.
+    The kernel reads the wait list only when a wait starts, so a re-armed
+    connection must not need the thread to wake and start another wait
+    (a wake-up and a GIL hand-over per round trip).  A handed-over
+    connection's slot therefore keeps waiting on its semaphore, expecting
+    the count the thread saw ("masked"): the thread sleeps through that
+    count, yet stays queued on the semaphore's futex, and the semaphore
+    says a waiter sleeps for as long as the connection is watched, so the
+    next ``sem_post`` wakes it.  Re-arming a masked slot only sets its
+    expected value back to 0 and moves the control word (a plain store):
+    a thread that has not yet started its wait then finds the control
+    word changed and looks again.  Only a slot the thread cleared (more
+    posts came while masked: it stops waking for them) needs the thread
+    woken, and while the reactor thread delivers a hand-over those
+    wake-ups are held and sent once at its end.
+
+    All shared state (the wait list, the sets) changes under one lock,
+    and the thread reads a connection's semaphore only under it: once
+    L{remove} returns, the connection's maps may be closed.
     """
 
     CAPACITY = WAITV_MAX - 1
@@ -618,8 +631,13 @@ class _ResponseWatch:
         self._lock = threading.Lock()
         self._list = WaitList(WAITV_MAX)
         self._slots: List[Optional[_WatchedSemaphore]] = [None] * WAITV_MAX
-        self._free = list(range(self.CAPACITY, 0, -1))
+        # The lowest free slot is taken first and only slots up to the
+        # highest in use are passed to the kernel, which sets up a queue
+        # per slot on every wait: 128 of them cost more than a response.
+        self._free = list(range(1, self.CAPACITY + 1))
+        self._slotsInUse = 1
         self._armed: Set[_WatchedSemaphore] = set()
+        self._masked: Set[_WatchedSemaphore] = set()
         self._thread: Optional[threading.Thread] = None
         self._sleeping = False
         self._holding = 0
@@ -635,8 +653,10 @@ class _ResponseWatch:
         with self._lock:
             if not self._free:
                 return False
-            watched.slot = self._free.pop()
+            watched.slot = heapq.heappop(self._free)
             self._slots[watched.slot] = watched
+            self._slotsInUse = max(self._slotsInUse, watched.slot + 1)
+            watched.semaphore.setWaiting(True)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="txqb-shm-responses",
                                                 daemon=True)
@@ -652,9 +672,13 @@ class _ResponseWatch:
             watched.slot = None
             watched.armed = False
             self._armed.discard(watched)
+            self._masked.discard(watched)
+            watched.semaphore.setWaiting(False)
             self._list.clear(slot)
             self._slots[slot] = None
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
+            while self._slotsInUse > 1 and self._slots[self._slotsInUse - 1] is None:
+                self._slotsInUse -= 1
             wake = self._sleeping
         if wake:
             self._list.wake()
@@ -662,16 +686,24 @@ class _ResponseWatch:
     def arm(self, watched: _WatchedSemaphore) -> None:
         """Reactor thread: tell C{watched}'s reactor once its count is up."""
         if watched.armed:
-            return  # (only this thread arms; the watch thread disarms, under the GIL)
+            return  # (only this thread arms; the watch thread disarms)
         with self._lock:
-            if watched.slot is None:
+            slot = watched.slot
+            if slot is None:
                 return
             watched.armed = True
             self._armed.add(watched)
-            watched.semaphore.setWaiting(True)
-            self._list.point(watched.slot, watched.semaphore.countAddress)
+            if watched in self._masked:
+                # Still queued on this futex, if asleep: the next post
+                # wakes it; if not yet asleep, it looks again.
+                self._masked.discard(watched)
+                self._list.expect(slot, 0)
+                self._list.touch()
+                return
+            self._list.point(slot, watched.semaphore.countAddress)
             if not self._sleeping:
-                return  # it looks at the armed set before it sleeps
+                self._list.touch()
+                return
             if self._holding:
                 self._heldWake = True
                 return
@@ -691,15 +723,26 @@ class _ResponseWatch:
                 self._list.wake()
 
     def _look(self) -> Dict[Any, List[_WatchedSemaphore]]:
-        # Under the lock: disarm and collect the connections with a count.
-        found: Dict[Any, List[_WatchedSemaphore]] = {}
-        for watched in [w for w in self._armed if w.semaphore.count()]:
-            self._armed.discard(watched)
-            watched.armed = False
-            watched.semaphore.setWaiting(False)
+        # Under the lock: hand over the armed connections with a count
+        # (masking their slots), stop waking for masked ones whose count
+        # moved on (their reactor is on its way to them anyway).
+        for watched in [w for w in self._masked if w.semaphore.count() != w.seen]:
+            self._masked.discard(watched)
             assert watched.slot is not None
             self._list.clear(watched.slot)
-            found.setdefault(watched.reactor, []).append(watched)
+        found: Dict[Any, List[_WatchedSemaphore]] = {}
+        for watched in self._armed:
+            count = watched.semaphore.count()
+            if count:
+                assert watched.slot is not None
+                watched.seen = count
+                self._list.expect(watched.slot, count)
+                found.setdefault(watched.reactor, []).append(watched)
+        for ready in found.values():
+            for watched in ready:
+                self._armed.discard(watched)
+                watched.armed = False
+                self._masked.add(watched)
         return found
 
     def _run(self) -> None:
@@ -718,12 +761,13 @@ class _ResponseWatch:
                     self._list.prepare()
                     self._sleeping = True
                     timeout = None if idleSince is None else self.LINGER
+                    slots = self._slotsInUse
             for reactor, ready in found.items():
                 reactor.callFromThread(self._deliver, ready)
             if found:
                 continue
             try:
-                self._list.wait(WAITV_MAX, timeout)
+                self._list.wait(slots, timeout)
             finally:
                 with self._lock:
                     self._sleeping = False
@@ -770,6 +814,8 @@ class _WatchedSemaphore:
         self.slot: Optional[int] = None
         self.armed = False
         """In its watch's armed set (changed under the watch's lock)."""
+        self.seen = 0
+        """The count its watch saw when it handed it over."""
         self.watch: Optional[_ResponseWatch] = None
         self.outstanding = False
         self.stopping = False
