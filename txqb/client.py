@@ -117,10 +117,10 @@ class _Outgoing:
     __slots__ = ("header", "payload", "size", "deferred", "expectsReply", "slot", "cancelled")
 
     def __init__(self, header: bytes, payload: bytes, deferred: Deferred[Any],
-                 expectsReply: bool) -> None:
+                 expectsReply: bool, size: int) -> None:
         self.header = header
         self.payload = payload
-        self.size = len(header) + len(payload)
+        self.size = size
         self.deferred = deferred
         self.expectsReply = expectsReply
         self.slot: Optional[Slot[Deferred[Any]]] = None
@@ -395,7 +395,8 @@ class Client:
                     f" {self.maxMessageSize}-byte limit"
                 )
             )
-        item = _Outgoing(header, payload, Deferred(lambda d: self._cancel(item)), expectsReply)
+        item = _Outgoing(header, payload, Deferred(lambda d: self._cancel(item)), expectsReply,
+                         size)
         if self._blocked or not self._ready(item):
             if not isinstance(payload, bytes):
                 item.payload = bytes(payload)  # held: the caller may reuse its buffer
@@ -494,7 +495,7 @@ class Client:
             # The payload is copied out: the channel has its room back
             # before any callback runs (and maybe sends).
             self._channels.consumed()
-            self._takeResponse(decoded)
+            self._pairResponse(decoded)
             return
         # While the data is a view into the response ring, requests wait
         # (the pump runs on the next turn, once the ring has its room back):

@@ -607,8 +607,10 @@ class _ResponseWatch:
     connection's slot therefore keeps waiting on its semaphore, expecting
     the count the thread saw ("masked"): the thread sleeps through that
     count, yet stays queued on the semaphore's futex, and the semaphore
-    says a waiter sleeps for as long as the connection is watched, so the
-    next ``sem_post`` wakes it.  Re-arming a masked slot only sets its
+    says a waiter sleeps for as long as the slot is armed or masked, so the
+    next ``sem_post`` wakes it (a post costs its poster a ``futex`` call
+    while the semaphore says so: only while the slot waits on it).
+    Re-arming a masked slot only sets its
     expected value back to 0 and moves the control word (a plain store):
     a thread that has not yet started its wait then finds the control
     word changed and looks again.  Only a slot the thread cleared (more
@@ -656,7 +658,6 @@ class _ResponseWatch:
             watched.slot = heapq.heappop(self._free)
             self._slots[watched.slot] = watched
             self._slotsInUse = max(self._slotsInUse, watched.slot + 1)
-            watched.semaphore.setWaiting(True)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="txqb-shm-responses",
                                                 daemon=True)
@@ -700,6 +701,7 @@ class _ResponseWatch:
                 self._list.expect(slot, 0)
                 self._list.touch()
                 return
+            watched.semaphore.setWaiting(True)
             self._list.point(slot, watched.semaphore.countAddress)
             if not self._sleeping:
                 self._list.touch()
@@ -730,6 +732,7 @@ class _ResponseWatch:
             self._masked.discard(watched)
             assert watched.slot is not None
             self._list.clear(watched.slot)
+            watched.semaphore.setWaiting(False)
         found: Dict[Any, List[_WatchedSemaphore]] = {}
         for watched in self._armed:
             count = watched.semaphore.count()
@@ -864,6 +867,7 @@ class ClientShmChannels:
                 ring.detach()
             raise
         self._request, self._response, self._event = self._rings
+        self._eventCount = self._event.semaphore.value
         self._names = names
         self._reactor = reactor
         self._setup = setup
@@ -957,6 +961,8 @@ class ClientShmChannels:
         """Deliver every committed event, unless the consumer paused them."""
         if self._eventDelivering:
             return  # re-entered from an event callback: the outer loop goes on
+        if self.closed or not self._eventCount():
+            return  # (asked before every response: no more than a read)
         ring = self._event.ring
         while not self._eventsPaused and not self.closed:
             try:

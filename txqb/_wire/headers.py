@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 __all__ = [
     "REQUEST_HEADER",
@@ -149,14 +149,14 @@ def decodeRequest(data: Buffer, maxSize: int, copy: bool = True) -> Message:
             f" {REQUEST_HEADER_SIZE}-byte header",
         )
     msgId, size = REQUEST_HEADER.unpack_from(data)
-    _checkSize(size, length, maxSize, "request")
-    return Message(msgId, 0, _payload(data, REQUEST_HEADER_SIZE, copy))
-
-
-def _payload(data: Buffer, offset: int, copy: bool) -> Any:
+    if size != length or size > maxSize:  # (length >= 16: size > 0)
+        _checkSize(size, length, maxSize, "request")
+    view = memoryview(data)[REQUEST_HEADER_SIZE:]
     if copy:
-        return bytes(memoryview(data)[offset:])
-    return memoryview(data)[offset:]
+        payload = bytes(view)
+        view.release()
+        return Message(msgId, 0, payload)
+    return Message(msgId, 0, view)  # type: ignore[arg-type]
 
 
 def decodeResponse(data: Buffer, maxSize: int, copy: bool = True) -> Message:
@@ -178,8 +178,15 @@ def decodeResponse(data: Buffer, maxSize: int, copy: bool = True) -> Message:
             f" {RESPONSE_HEADER_SIZE}-byte header",
         )
     msgId, size, error = RESPONSE_HEADER.unpack_from(data)
-    _checkSize(size, length, maxSize, "response")
-    return Message(msgId, error, _payload(data, RESPONSE_HEADER_SIZE, copy))
+    if size != length or size > maxSize:  # (length >= 24: size > 0)
+        _checkSize(size, length, maxSize, "response")
+    # Inlined: this runs for every response and event.
+    view = memoryview(data)[RESPONSE_HEADER_SIZE:]
+    if copy:
+        payload = bytes(view)
+        view.release()
+        return Message(msgId, error, payload)
+    return Message(msgId, error, view)  # type: ignore[arg-type]
 
 
 def _checkSize(size: int, length: int, maxSize: int, what: str) -> None:

@@ -10,7 +10,6 @@ next request.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Deque, Generic, List, Optional, TypeVar
 
 __all__ = ["Slot", "ReplyQueue"]
@@ -31,27 +30,22 @@ class Slot(Generic[T]):
         self.waiter = None
 
 
-class ReplyQueue(Generic[T]):
+class ReplyQueue(Deque[Slot[T]]):
     """
     First-in, first-out queue of waiters for responses.
 
     Sans-IO: the caller pushes a waiter when a request is sent and pops one
-    when a response arrives.
+    when a response arrives.  A C{deque} itself, so that its length and
+    truth cost no Python call (they are asked for every message).
     """
-
-    def __init__(self) -> None:
-        self._slots: Deque[Slot[T]] = deque()
-
-    def __len__(self) -> int:
-        return len(self._slots)
 
     def push(self, waiter: T) -> Slot[T]:
         """Append a waiter for the next response not yet claimed."""
         slot = Slot(waiter)
-        self._slots.append(slot)
+        self.append(slot)
         return slot
 
-    def pop(self) -> Optional[T]:
+    def pop(self) -> Optional[T]:  # type: ignore[override]
         """
         Claim the oldest slot for a response that has just arrived.
 
@@ -59,12 +53,12 @@ class ReplyQueue(Generic[T]):
         @raise LookupError: no request is outstanding (an unsolicited
             response).
         """
-        if not self._slots:
+        if not self:
             raise LookupError("response arrived with no request outstanding")
-        return self._slots.popleft().waiter
+        return self.popleft().waiter
 
     def drain(self) -> List[T]:
         """Empty the queue, returning the waiters still interested."""
-        waiters = [slot.waiter for slot in self._slots if slot.waiter is not None]
-        self._slots.clear()
+        waiters = [slot.waiter for slot in self if slot.waiter is not None]
+        self.clear()
         return waiters

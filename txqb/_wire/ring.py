@@ -57,6 +57,9 @@ HEADER_STRUCT_SIZE = 8248
 HEADER_FILE_SIZE = HEADER_STRUCT_SIZE + 4
 """libqb creates every header file with 4 bytes of user data after the struct."""
 
+_WRITE_WORD = WRITE_PT // 4
+_READ_WORD = READ_PT // 4
+
 MAGIC_COMMITTED = 0xA1A1A1A1
 MAGIC_ALLOCATED = 0xA110CED0
 MAGIC_CONSUMED = 0xD0D0D0D0
@@ -188,6 +191,10 @@ class Ring:
         # aligned 4-byte access (see storeWord).
         self._hw = _view(header)
         self._dw = _view(data)
+        self._bytes = memoryview(data).cast("B")
+        # Bound once: these run per message.
+        self._post = semaphore.post
+        self._tryWait = semaphore.tryWait
 
     # Words
 
@@ -215,12 +222,6 @@ class Ring:
         """Committed chunks not yet read (the semaphore's count)."""
         return self._sem.value()
 
-    def _next(self, index: int, size: int) -> int:
-        following = index + 2 + (size + 3) // 4
-        if following > self.words - 1:
-            following %= self.words
-        return following
-
     def freeSpace(self) -> int:
         """Bytes a writer could use now, by libqb's formula."""
         w, r = self.writePointer, self.readPointer
@@ -241,41 +242,51 @@ class Ring:
         @raise RingError: ``EAGAIN`` when it does not fit now (libqb never
             blocks a writer), ``EMSGSIZE`` when it never could.
         """
-        count = len(parts)
-        if count == 2:
-            size = len(parts[0]) + len(parts[1])
-        else:
-            size = len(parts[0]) if count == 1 else sum(map(len, parts))
+        # This runs for every message: locals, and no call but the post.
+        size = 0
+        for part in parts:
+            size += len(part)
         total = self.size
-        if size + CHUNK_OVERHEAD > total:
+        need = size + CHUNK_OVERHEAD
+        if need > total:
             raise RingError(errno.EMSGSIZE, f"{size}-byte chunk exceeds the {total}-byte ring")
-        # freeSpace(), inlined: this runs for every message.
         hw, dw, words = self._hw, self._dw, self.words
-        p, r = hw[WRITE_PT // 4], hw[READ_PT // 4]
+        p, r = hw[_WRITE_WORD], hw[_READ_WORD]
+        # freeSpace(), inlined.
         if p > r:
             free = (r - p + words - 1) * 4
         elif p < r:
             free = (r - p - 1) * 4
         else:
             free = 0 if self._sem.value() > 0 else total
-        if free < size + CHUNK_OVERHEAD:
+        if free < need:
             raise RingError(errno.EAGAIN, "ring full")
-        dw[p % words] = 0
-        dw[(p + 1) % words] = MAGIC_ALLOCATED
-        offset = ((p + 2) % words) * 4
+        if p >= words:
+            p %= words  # a peer's garbage: stay inside the ring
+        q = p + 1 if p + 1 < words else 0
+        dw[p] = 0
+        dw[q] = MAGIC_ALLOCATED
+        offset = (q + 1) * 4 if q + 1 < words else 0
         data = self._data
-        mirrored = self.mirrored
-        for part in parts:
-            n = len(part)
-            if mirrored or offset + n < total:
-                data[offset : offset + n] = part
-                offset += n
-            else:
-                offset = self._copyIn(offset, part)
-        dw[p % words] = size
-        hw[WRITE_PT // 4] = self._next(p, size)
-        dw[(p + 1) % words] = MAGIC_COMMITTED
-        self._sem.post()
+        if self.mirrored:
+            # Past the end is the mirror of the start: one slice each.
+            for part in parts:
+                end = offset + len(part)
+                data[offset:end] = part
+                offset = end
+        else:
+            for part in parts:
+                n = len(part)
+                if offset + n < total:
+                    data[offset : offset + n] = part
+                    offset += n
+                else:
+                    offset = self._copyIn(offset, part)
+        dw[p] = size
+        following = p + 2 + (size + 3) // 4
+        hw[_WRITE_WORD] = following if following < words else following % words
+        dw[q] = MAGIC_COMMITTED
+        self._post()
 
     def _copyIn(self, offset: int, part: Piece) -> int:
         data, n = self._data, len(part)
@@ -310,30 +321,32 @@ class Ring:
 
     def peekOrNone(self, counted: bool = False) -> memoryview | bytes | None:
         """L{peek}, but L{None} instead of ``EAGAIN``: a drain loop's end is no error."""
-        if not counted and not self._sem.tryWait():
+        if not counted and not self._tryWait():
             return None
         words = self.words
-        p = self._hw[READ_PT // 4]
+        p = self._hw[_READ_WORD]
         dw = self._dw
-        if p >= words or dw[(p + 1) % words] != MAGIC_COMMITTED:
+        q = p + 1 if p + 1 < words else 0
+        if p >= words or dw[q] != MAGIC_COMMITTED:
             self._sem.post()
-            found = dw[(p + 1) % words] if p < words else None
+            found = dw[q] if p < words else None
             raise RingError(
                 errno.EBADMSG,
                 f"no committed chunk at word {p} (magic {found!r},"
                 f" write pointer {self.writePointer}, count {self._sem.value()})",
             )
         size = dw[p]
-        if size + CHUNK_OVERHEAD > self.size:
+        total = self.size
+        if size + CHUNK_OVERHEAD > total:
             self._sem.post()
             raise RingError(errno.EBADMSG, f"chunk at word {p} claims {size} bytes")
-        start = ((p + 2) % words) * 4
+        start = (q + 1) * 4 if q + 1 < words else 0
         self._peeked = (p, size)
         end = start + size
-        if end <= self.size or self.mirrored:
-            return memoryview(self._data)[start:end]
-        data = memoryview(self._data)
-        return b"".join((data[start : self.size], data[: end - self.size]))
+        if end <= total or self.mirrored:
+            return self._bytes[start:end]
+        data = self._bytes
+        return b"".join((data[start:total], data[: end - total]))
 
     def committedAhead(self) -> bool:
         """
@@ -348,9 +361,10 @@ class Ring:
         """Consume the chunk L{peek} returned, in libqb's order."""
         p, size = self._peeked
         dw, words = self._dw, self.words
-        dw[p % words] = 0
-        dw[(p + 1) % words] = MAGIC_CONSUMED
-        self._hw[READ_PT // 4] = self._next(p, size)
+        dw[p] = 0  # peek checked p < words
+        dw[p + 1 if p + 1 < words else 0] = MAGIC_CONSUMED
+        following = p + 2 + (size + 3) // 4
+        self._hw[_READ_WORD] = following if following < words else following % words
 
     def userWord(self) -> int:
         """The header's signed user word (a request ring's flow control)."""
@@ -361,6 +375,7 @@ class Ring:
         """Drop this ring's views of the buffers (before unmapping them)."""
         self._hw.release()
         self._dw.release()
+        self._bytes.release()
 
     def read(self, counted: bool = False) -> bytes:
         """Copy out and consume the oldest chunk (see L{peek})."""
