@@ -207,6 +207,9 @@ class ServiceStats:
     closedConnections: int = 0
 
 
+_PLAIN_RESULTS = frozenset((bytes, Message, type(None)))
+
+
 def _owned(result: Any) -> Any:
     if isinstance(result, memoryview):
         return bytes(result)
@@ -370,6 +373,15 @@ class ServerConnection:
     # Sending
 
     def _send(self, msgId: int, payload: bytes, error: int, response: bool) -> Deferred[None]:
+        queued = self._transmit(msgId, payload, error, response)
+        return succeed(None) if queued is None else queued
+
+    def _transmit(self, msgId: int, payload: bytes, error: int,
+                  response: bool) -> Optional[Deferred[None]]:
+        """
+        L{_send}, but L{None} for a message already in the channel (the
+        common case, which then costs no L{Deferred}).
+        """
         channels = self._channels
         if self._state is not _State.ESTABLISHED or channels is None:
             return fail(ConnectionLostError(f"{self!r} is not connected"))
@@ -392,7 +404,7 @@ class ServerConnection:
         except OSError as e:
             return fail(QBError(f"send failed: {e.strerror}", e.errno))
         if queued is None:
-            return succeed(None)
+            return None
         if not queued.called:
             # It waits for room in the channel, where libqb would have
             # returned -EAGAIN: libqb counts that as a send retry.
@@ -568,7 +580,9 @@ class ServerConnection:
             result = self.service.handlers.messageReceived(self, msgId, payload)
         except Exception:
             result = Failure()
-        if hasattr(result, "__await__") and not isinstance(result, Deferred):
+        if type(result) in _PLAIN_RESULTS:
+            pass  # (the common answers: no attribute to look for)
+        elif hasattr(result, "__await__") and not isinstance(result, Deferred):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
             slot = _ReplySlot(msgId)
@@ -596,17 +610,20 @@ class ServerConnection:
             return
         if result is None or self._state is not _State.ESTABLISHED:
             return
-        if isinstance(result, Failure):
+        d: Optional[Deferred[None]]
+        if type(result) is bytes:
+            d = self._transmit(msgId, result, 0, True)
+        elif isinstance(result, Failure):
             if isinstance(result.value, QBError):
                 code = result.value.errno
             else:
                 log.failure("{conn!r}: handler for id {id} failed", result, conn=self, id=msgId)
                 code = errno.EIO
-            d = self.respond(msgId, b"", -code)
+            d = self._transmit(msgId, b"", -code, True)
         elif isinstance(result, Message):
-            d = self.respond(result.id, result.payload, result.error)
+            d = self._transmit(result.id, result.payload, result.error, True)
         elif isinstance(result, (bytes, bytearray, memoryview)):
-            d = self.respond(msgId, bytes(result))
+            d = self._transmit(msgId, bytes(result), 0, True)
         else:
             log.error(
                 "{conn!r}: handler for id {id} returned {r!r}; answering -EIO",
@@ -614,8 +631,9 @@ class ServerConnection:
                 id=msgId,
                 r=result,
             )
-            d = self.respond(msgId, b"", -errno.EIO)
-        d.addErrback(self._replyFailed, msgId)
+            d = self._transmit(msgId, b"", -errno.EIO, True)
+        if d is not None:
+            d.addErrback(self._replyFailed, msgId)
 
     def _replyFailed(self, reason: Failure, msgId: int) -> None:
         if reason.check(MessageTooLargeError):

@@ -105,14 +105,16 @@ def requestHeader(msgId: int, payloadLength: int) -> bytes:
 
     The header's ``size`` is the total length, as libqb requires.
     """
-    _checkId(msgId)
+    if not _INT32_MIN <= msgId <= _INT32_MAX:
+        _checkId(msgId)
     return REQUEST_HEADER.pack(msgId, REQUEST_HEADER_SIZE + payloadLength)
 
 
 def responseHeader(msgId: int, error: int, payloadLength: int) -> bytes:
     """A response's or an event's 24-byte header (see L{requestHeader})."""
-    _checkId(msgId)
-    _checkId(error)
+    if not (_INT32_MIN <= msgId <= _INT32_MAX and _INT32_MIN <= error <= _INT32_MAX):
+        _checkId(msgId)
+        _checkId(error)
     return RESPONSE_HEADER.pack(msgId, RESPONSE_HEADER_SIZE + payloadLength, error)
 
 
