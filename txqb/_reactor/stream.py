@@ -96,6 +96,8 @@ class UnixStreamTransport(FileDescriptor):
         self._fd = sock.fileno()
         self.protocol = protocol
         self.address = UnixSetupAddress(address)
+        # Asked for by the reactor around every read: made once.
+        self._logPrefix = f"qb-setup {self.address!r}"
         self.wantCredentials = wantCredentials
         self.credentials: Optional[Credentials] = None
         self.connected = 1
@@ -107,7 +109,7 @@ class UnixStreamTransport(FileDescriptor):
 
     def logPrefix(self) -> str:
         """Name the service in log lines."""
-        return f"qb-setup {self.address!r}"
+        return self._logPrefix
 
     def getHost(self) -> UnixSetupAddress:  # type: ignore[override]
         """The service's address (both ends name the service)."""
