@@ -48,14 +48,20 @@ def sem() -> Iterator[SharedSemaphore]:
         s.close()
 
 
-def _later(seconds: float, fn: Any) -> threading.Thread:
+def _waitWhile(waits: WaitList, slots: int, timeout: float, fn: Any) -> bool:
+    """Prepare and wait on C{waits} while another thread calls C{fn} 50 ms in."""
+
     def run() -> None:
-        time.sleep(seconds)
+        time.sleep(0.05)
         fn()
 
     thread = threading.Thread(target=run)
+    waits.prepare()
     thread.start()
-    return thread
+    try:
+        return waits.wait(slots, timeout)
+    finally:
+        thread.join()
 
 
 def test_waitvOnThisMachine() -> None:
@@ -93,12 +99,7 @@ def test_waitListTimesOutAndWakes() -> None:
     started = time.monotonic()
     assert waits.wait(4, 0.05) is False
     assert time.monotonic() - started >= 0.04
-    waits.prepare()
-    thread = _later(0.05, waits.wake)
-    try:
-        assert waits.wait(4, 10.0) is True
-    finally:
-        thread.join()
+    assert _waitWhile(waits, 4, 10.0, waits.wake) is True
     # A wake before the wait (after prepare) is not lost.
     waits.prepare()
     waits.wake()
@@ -113,20 +114,10 @@ def test_postWakesOnlyAWaitingWatcher(sem: SharedSemaphore) -> None:
     """
     waits = WaitList(3)
     waits.point(2, sem.countAddress)
-    waits.prepare()
-    thread = _later(0.05, sem.post)
-    try:
-        assert waits.wait(3, 0.5) is False  # posted, but nobody was told
-    finally:
-        thread.join()
+    assert _waitWhile(waits, 3, 0.5, sem.post) is False  # posted, but nobody was told
     assert sem.tryWait()
     sem.setWaiting(True)
-    waits.prepare()
-    thread = _later(0.05, sem.post)
-    try:
-        assert waits.wait(3, 10.0) is True
-    finally:
-        thread.join()
+    assert _waitWhile(waits, 3, 10.0, sem.post) is True
     assert sem.count() == 1
 
 
