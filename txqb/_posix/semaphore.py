@@ -136,7 +136,7 @@ class SharedSemaphore:
     def value(self) -> int:
         """The current count."""
         if GLIBC_LAYOUT:
-            return self.count()
+            return self._words[0]  # type: ignore[index]
         result = self._value
         if _getValue(self._pointer, result) != 0:
             _raise("sem_getvalue")

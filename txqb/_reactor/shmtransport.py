@@ -656,6 +656,7 @@ class _ResponseWatch:
             if not self._free:
                 return False
             watched.slot = heapq.heappop(self._free)
+            watched.watch = self
             self._slots[watched.slot] = watched
             self._slotsInUse = max(self._slotsInUse, watched.slot + 1)
             if self._thread is None:
@@ -671,7 +672,6 @@ class _ResponseWatch:
             if slot is None:
                 return
             watched.slot = None
-            watched.armed = False
             self._armed.discard(watched)
             self._masked.discard(watched)
             watched.semaphore.setWaiting(False)
@@ -686,13 +686,12 @@ class _ResponseWatch:
 
     def arm(self, watched: _WatchedSemaphore) -> None:
         """Reactor thread: tell C{watched}'s reactor once its count is up."""
-        if watched.armed:
+        if watched in self._armed:
             return  # (only this thread arms; the watch thread disarms)
         with self._lock:
             slot = watched.slot
             if slot is None:
                 return
-            watched.armed = True
             self._armed.add(watched)
             if watched in self._masked:
                 # Still queued on this futex, if asleep: the next post
@@ -744,7 +743,6 @@ class _ResponseWatch:
         for ready in found.values():
             for watched in ready:
                 self._armed.discard(watched)
-                watched.armed = False
                 self._masked.add(watched)
         return found
 
@@ -794,12 +792,10 @@ def _watchResponses(watched: _WatchedSemaphore) -> None:
     """Give C{watched} a slot in a watch thread, a new one if all are full."""
     for watch in _responseWatches:
         if watch.add(watched):
-            watched.watch = watch
             return
     watch = _ResponseWatch()
     _responseWatches.append(watch)
     watch.add(watched)
-    watched.watch = watch
 
 
 class _WatchedSemaphore:
@@ -815,8 +811,6 @@ class _WatchedSemaphore:
         self._onResponse = onResponse
         self._onExit = onExit
         self.slot: Optional[int] = None
-        self.armed = False
-        """In its watch's armed set (changed under the watch's lock)."""
         self.seen = 0
         """The count its watch saw when it handed it over."""
         self.watch: Optional[_ResponseWatch] = None

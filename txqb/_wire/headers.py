@@ -153,12 +153,17 @@ def decodeRequest(data: Buffer, maxSize: int, copy: bool = True) -> Message:
     msgId, size = REQUEST_HEADER.unpack_from(data)
     if size != length or size > maxSize:  # (length >= 16: size > 0)
         _checkSize(size, length, maxSize, "request")
-    view = memoryview(data)[REQUEST_HEADER_SIZE:]
+    return _message(msgId, 0, data, REQUEST_HEADER_SIZE, copy)
+
+
+def _message(msgId: int, error: int, data: Buffer, offset: int, copy: bool) -> Message:
+    # The payload after the header: a copy, or a view into C{data}.
+    view = memoryview(data)[offset:]
     if copy:
         payload = bytes(view)
         view.release()
-        return Message(msgId, 0, payload)
-    return Message(msgId, 0, view)  # type: ignore[arg-type]
+        return Message(msgId, error, payload)
+    return Message(msgId, error, view)  # type: ignore[arg-type]
 
 
 def decodeResponse(data: Buffer, maxSize: int, copy: bool = True) -> Message:
@@ -182,13 +187,7 @@ def decodeResponse(data: Buffer, maxSize: int, copy: bool = True) -> Message:
     msgId, size, error = RESPONSE_HEADER.unpack_from(data)
     if size != length or size > maxSize:  # (length >= 24: size > 0)
         _checkSize(size, length, maxSize, "response")
-    # Inlined: this runs for every response and event.
-    view = memoryview(data)[RESPONSE_HEADER_SIZE:]
-    if copy:
-        payload = bytes(view)
-        view.release()
-        return Message(msgId, error, payload)
-    return Message(msgId, error, view)  # type: ignore[arg-type]
+    return _message(msgId, error, data, RESPONSE_HEADER_SIZE, copy)
 
 
 def _checkSize(size: int, length: int, maxSize: int, what: str) -> None:
