@@ -21,6 +21,7 @@ from handlers import PeerHandlers
 from peers.build import Peers
 from txqb._posix.futex import WaitList, waitvAvailable
 from txqb._posix.semaphore import SharedSemaphore
+from txqb._posix.uring import futexRingAvailable
 from txqb._reactor import shmtransport
 
 needsWaitv = pytest.mark.skipif(not waitvAvailable(), reason="no futex_waitv here")
@@ -138,6 +139,7 @@ def test_clearedSlotIgnoresItsCount(sem: SharedSemaphore) -> None:
 def fewSlots(monkeypatch: pytest.MonkeyPatch) -> List[Any]:
     """Watch threads of three connections each, fresh for the test."""
     watches: List[Any] = []
+    monkeypatch.setattr(shmtransport, "URING_RESPONSES", False)
     monkeypatch.setattr(shmtransport._ResponseWatch, "CAPACITY", 3)
     monkeypatch.setattr(shmtransport, "_responseWatches", watches)
     return watches
@@ -156,11 +158,12 @@ async def _oneAtATime(client: txqb.Client, tag: int) -> bool:
     return True
 
 
-async def _manyClients(reactor: Any, name: str, watched: bool) -> List[txqb.Client]:
+async def _manyClients(reactor: Any, name: str, *kinds: type) -> List[txqb.Client]:
+    """Seven clients, each waiting with one of C{kinds} in turn."""
     clients = [await txqb.connect(reactor, name) for _ in range(7)]
-    kind = shmtransport._WatchedSemaphore if watched else shmtransport._ResponseWaiter
-    for client in clients:
-        assert isinstance(client._channels._waiter, kind)  # type: ignore[attr-defined]
+    for i, client in enumerate(clients):
+        waiter = client._channels._waiter  # type: ignore[attr-defined]
+        assert type(waiter) is kinds[min(i, len(kinds) - 1)]
     results = await defer.gatherResults(
         [defer.ensureDeferred(_pipelined(c, i)) for i, c in enumerate(clients)]
         + [defer.ensureDeferred(_oneAtATime(c, i)) for i, c in enumerate(clients)]
@@ -179,7 +182,7 @@ async def test_watchServesManyCServerConnections(reactor: Any, cpeers: Peers, se
     connection's slot is reused.
     """
     async with await CServer(reactor, cpeers, serviceName, "--transport", "shm").start():
-        clients = await _manyClients(reactor, serviceName, watched=True)
+        clients = await _manyClients(reactor, serviceName, shmtransport._WatchedSemaphore)
         try:
             assert len(fewSlots) == 3
             await clients.pop().disconnect()
@@ -194,17 +197,22 @@ async def test_watchServesManyCServerConnections(reactor: Any, cpeers: Peers, se
         assert not watch.full() and not watch._armed
 
 
-@pytest.mark.parametrize("watched", [True, False], ids=["watch", "thread-per-connection"])
+@pytest.mark.parametrize("kind", ["uring", "watch", "thread-per-connection"])
 @pytest_twisted.ensureDeferred
-async def test_bothWaitersAgainstTxqb(reactor: Any, serviceName: str, fewSlots: List[Any],
-                                      monkeypatch: pytest.MonkeyPatch, watched: bool) -> None:
-    """The watch and the per-connection waiter (its fallback) both deliver."""
-    if watched and not waitvAvailable():
+async def test_everyWaiterAgainstTxqb(reactor: Any, serviceName: str, fewSlots: List[Any],
+                                      monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """The ring, the watch and the per-connection waiter all deliver."""
+    if kind == "uring" and not futexRingAvailable():
+        pytest.skip("no io_uring futex waits here")
+    if kind == "watch" and not waitvAvailable():
         pytest.skip("no futex_waitv here")
-    monkeypatch.setattr(shmtransport, "WATCH_RESPONSES", watched)
+    monkeypatch.setattr(shmtransport, "URING_RESPONSES", kind == "uring")
+    monkeypatch.setattr(shmtransport, "WATCH_RESPONSES", kind == "watch")
+    waiter = {"uring": shmtransport._UringSemaphore, "watch": shmtransport._WatchedSemaphore,
+              "thread-per-connection": shmtransport._ResponseWaiter}[kind]
     service = txqb.listen(reactor, serviceName, PeerHandlers(), transport="shm")
     try:
-        clients = await _manyClients(reactor, serviceName, watched)
+        clients = await _manyClients(reactor, serviceName, waiter)
         for client in clients:
             await client.disconnect()
     finally:

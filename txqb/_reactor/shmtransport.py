@@ -20,14 +20,22 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorFDSet,
+    IReactorTime,
+    IReadDescriptor,
+    ITransport,
+)
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from txqb._posix.files import PrivateDirectory
 from txqb._posix.futex import WAITV_MAX, WaitList, waitvAvailable
 from txqb._posix.semaphore import SharedSemaphore
 from txqb._posix.shmring import SharedRing
 from txqb._posix.shmring import removeIfOrphaned as _removeIfOrphaned
+from txqb._posix.uring import CANCELLED, FutexRing, futexRingAvailable
 from txqb._wire.handshake import TRANSPORT_SHM
 from txqb._wire.headers import Buffer
 from txqb._wire.naming import shmNames
@@ -40,6 +48,14 @@ RESPONSE_SPIN = 0.0
 Seconds the response waiter polls ``sem_trywait`` before it blocks in
 ``sem_timedwait``.  Off by default: a spinning Python thread competes with
 the reactor thread for the GIL and a core (see docs/performance.rst).
+"""
+
+URING_RESPONSES = True
+"""
+Wait for SHM responses in the reactor itself, through an io_uring whose
+descriptor it polls (L{_UringWatch}), where the kernel allows it (Linux
+6.7 and later on x86-64) and the reactor provides C{IReactorFDSet}; if
+False, or where not, as L{WATCH_RESPONSES} says.
 """
 
 WATCH_RESPONSES = True
@@ -783,6 +799,9 @@ def _forgetThreads() -> None:
     global _roomWatcher
     _roomWatcher = _RoomWatcher()
     del _responseWatches[:]
+    # The parent's rings (their waits queued by its reactor thread) are
+    # not the child's: it makes its own.
+    _uringWatches.clear()
 
 
 os.register_at_fork(after_in_child=_forgetThreads)
@@ -837,6 +856,222 @@ class _WatchedSemaphore:
             self.watch.arm(self)
 
 
+@implementer(IReadDescriptor)
+class _UringWatch:
+    """
+    Waits for the responses of a reactor's SHM connections in the reactor
+    itself: a futex wait per armed connection, queued on a L{FutexRing}
+    whose descriptor the reactor polls.  A server's ``sem_post`` then
+    wakes the reactor directly, where L{_ResponseWatch} wakes its thread,
+    which wakes the reactor (two wake-ups and a GIL hand-over per
+    response, on a machine whose cores the two peers already keep busy).
+
+    A connection is armed while responses are outstanding and none is
+    known to be there, as with the other waiters: its semaphore says a
+    waiter sleeps (so that ``sem_post`` wakes the futex) and its wait is
+    queued.  Each wait ends once (posted, or a count already there), the
+    connection is disarmed and takes its responses, and re-arms once it
+    finds no more.  Arms made while the ring's ends are delivered are
+    queued with one system call for all of them.
+
+    The ring exists only while a connection uses it, so an idle reactor
+    has neither the descriptor nor its reader.
+    """
+
+    ENTRIES = 1024
+    """The ring's submission entries: one per connection, one for cancels."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._ring: Optional[FutexRing] = None
+        self._slots: List[Optional[_UringSemaphore]] = []
+        self._free: List[int] = []
+        self._used = 0
+        self._generation = 0
+        self._reaping = False
+
+    def add(self, watched: _UringSemaphore) -> bool:
+        """Give C{watched} a slot (and the ring a reader), if one is free."""
+        if self._ring is None:
+            self._ring = FutexRing(self.ENTRIES)
+            self._slots = [None] * self._ring.capacity
+            self._free = list(range(self._ring.capacity))
+            self._reactor.addReader(self)
+        if not self._free:
+            return False
+        slot = heapq.heappop(self._free)
+        # Its ends carry the slot and a generation (never 0, the cancels'
+        # user data), so that a late end of a former user is known.
+        self._generation = (self._generation + 1) & 0xFFFFFFFFFFFF or 1
+        watched.userData = (self._generation << 16) | slot
+        watched.slot = slot
+        watched.watch = self
+        self._slots[slot] = watched
+        self._used += 1
+        self._ring.prepare(slot, watched.semaphore.countAddress, watched.userData)
+        return True
+
+    def arm(self, watched: _UringSemaphore) -> None:
+        """Wake the reactor for C{watched} once its count is up."""
+        ring = self._ring
+        if watched.pending or watched.slot is None or ring is None:
+            return
+        watched.pending = True
+        # A post before the wait starts finds the count no longer 0: the
+        # wait ends at once.
+        watched.semaphore.setWaiting(True)
+        if self._reaping:
+            ring.queue(watched.slot)
+        else:
+            ring.submit(watched.slot)
+
+    def remove(self, watched: _UringSemaphore) -> None:
+        """Stop watching C{watched}: no end of its reaches it any more."""
+        slot = watched.slot
+        if slot is None:
+            return
+        watched.slot = None
+        watched.semaphore.setWaiting(False)
+        self._slots[slot] = None
+        self._used -= 1
+        ring = self._ring
+        assert ring is not None
+        if not self._used:
+            self._close()
+            return
+        if watched.pending:
+            ring.cancel(watched.userData)
+        watched.pending = False
+        heapq.heappush(self._free, slot)
+
+    def _close(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            self._reactor.removeReader(self)
+            ring.close()  # (which ends every wait still queued)
+        for watched in self._slots:
+            if watched is not None:
+                watched.slot = None
+        self._slots, self._free, self._used = [], [], 0
+
+    def doRead(self) -> None:
+        """Deliver the ends the ring has: each connection takes its count."""
+        ring = self._ring
+        if ring is None:
+            return
+        slots = self._slots
+        self._reaping = True
+        try:
+            for userData, result in ring.reap():
+                slot = userData & 0xFFFF
+                watched = slots[slot] if userData and slot < len(slots) else None
+                if watched is None or watched.userData != userData:
+                    continue  # a cancel's, or a former connection's
+                watched.pending = False
+                watched.semaphore.setWaiting(False)
+                if result == 0 or result == -errno.EAGAIN:
+                    watched.onReady()
+                elif result != CANCELLED:
+                    watched.failed(OSError(-result, f"futex wait: {os.strerror(-result)}"))
+        finally:
+            self._reaping = False
+            if self._ring is ring:
+                ring.flush()
+
+    def fileno(self) -> int:
+        """The ring's descriptor (-1 once closed)."""
+        return -1 if self._ring is None else self._ring.fileno()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor lets go of the ring (it shuts down): close it."""
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+        for watched in self._slots:
+            if watched is not None:
+                watched.slot = None
+        self._slots, self._free, self._used = [], [], 0
+
+    def logPrefix(self) -> str:
+        """How the reactor names the ring in its log."""
+        return "txqb-shm-responses"
+
+
+_uringWatches: "weakref.WeakKeyDictionary[Any, _UringWatch]" = weakref.WeakKeyDictionary()
+
+
+class _UringSemaphore:
+    """
+    One connection's response semaphore, watched by its reactor's
+    L{_UringWatch}: the same face to L{ClientShmChannels} as the others.
+    """
+
+    def __init__(self, reactor: Any, semaphore: SharedSemaphore,
+                 onResponse: Callable[[int], None], onExit: Callable[[], None],
+                 onError: Callable[[BaseException], None]) -> None:
+        self.reactor = reactor
+        self.semaphore = semaphore
+        self._onResponse = onResponse
+        self._onExit = onExit
+        self.failed = onError
+        self.slot: Optional[int] = None
+        self.userData = 0
+        self.pending = False
+        self.watch: Optional[_UringWatch] = None
+        self.outstanding = False
+        self.stopping = False
+
+    def take(self) -> bool:
+        """Take a slot in the reactor's ring; False if none is free."""
+        try:
+            watch = _uringWatches[self.reactor]
+        except KeyError:
+            watch = _uringWatches[self.reactor] = _UringWatch(self.reactor)
+        return watch.add(self)
+
+    def onReady(self) -> None:
+        """The count is up; the channels take it."""
+        self._onResponse(0)
+
+    def arm(self) -> None:
+        """Be told once the count is up (again)."""
+        watch = self.watch
+        assert watch is not None
+        if self.stopping:
+            watch.remove(self)
+            # As the other waiters do: the maps are closed on a later turn.
+            self.reactor.callFromThread(self._onExit)
+        else:
+            watch.arm(self)
+
+
+_Waiter = Union[_ResponseWaiter, _WatchedSemaphore, _UringSemaphore]
+
+
+def _startWaiter(reactor: Any, semaphore: SharedSemaphore, onResponse: Callable[[int], None],
+                 onExit: Callable[[], None], onError: Callable[[BaseException], None]) -> _Waiter:
+    """
+    Wait for a connection's responses the cheapest way this process
+    allows: in the reactor (L{URING_RESPONSES}), in the process's watch
+    thread (L{WATCH_RESPONSES}), or in a thread of its own.
+    """
+    threaded = hasattr(reactor, "callFromThread")
+    if URING_RESPONSES and threaded and futexRingAvailable() and IReactorFDSet.providedBy(reactor):
+        uring = _UringSemaphore(reactor, semaphore, onResponse, onExit, onError)
+        try:
+            if uring.take():
+                return uring
+        except OSError:
+            pass  # no ring to be had (descriptors, locked memory): a thread
+    waiter: Union[_ResponseWaiter, _WatchedSemaphore]
+    if WATCH_RESPONSES and threaded and waitvAvailable():
+        waiter = _WatchedSemaphore(reactor, semaphore, onResponse, onExit)
+    else:
+        waiter = _ResponseWaiter(reactor, semaphore, onResponse, onExit)
+    waiter.start()
+    return waiter
+
+
 class ClientShmChannels:
     """A client's end of one SHM connection."""
 
@@ -884,15 +1119,13 @@ class ClientShmChannels:
         # many bytes as it processed chunks and blocks until they come.
         self._doorbell = _Doorbell(reactor, setup, b"\x18")
         self._requests = _RingWriter(reactor, self._request.ring, self._doorbell.ring)
-        waiterType = (
-            _WatchedSemaphore
-            if WATCH_RESPONSES and waitvAvailable() and hasattr(reactor, "callFromThread")
-            else _ResponseWaiter
-        )
-        self._waiter: Union[_ResponseWaiter, _WatchedSemaphore] = waiterType(
-            reactor, self._response.semaphore, self._responseCounted, self._waiterExited
-        )
-        self._waiter.start()
+        try:
+            self._waiter = _startWaiter(reactor, self._response.semaphore,
+                                        self._responseCounted, self._waiterExited, onError)
+        except BaseException:
+            for ring in self._rings:
+                ring.detach()
+            raise
 
     def flowControl(self) -> int:
         """The server's flow-control word (request ring user data)."""
