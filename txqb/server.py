@@ -580,15 +580,17 @@ class ServerConnection:
             result = self.service.handlers.messageReceived(self, msgId, payload)
         except Exception:
             result = Failure()
-        if type(result) in _PLAIN_RESULTS:
-            pass  # (the common answers: no attribute to look for)
-        elif hasattr(result, "__await__") and not isinstance(result, Deferred):
-            result = Deferred.fromCoroutine(result)
-        if isinstance(result, Deferred):
-            slot = _ReplySlot(msgId)
-            self._replySlots.append(slot)
-            result.addBoth(self._replyReady, slot)
-        elif self._replySlots:
+        # The common answers skip the attribute look-up and the isinstance
+        # (Deferred is an Awaitable: isinstance goes through ABCMeta).
+        if type(result) not in _PLAIN_RESULTS:
+            if hasattr(result, "__await__") and not isinstance(result, Deferred):
+                result = Deferred.fromCoroutine(result)
+            if isinstance(result, Deferred):
+                slot = _ReplySlot(msgId)
+                self._replySlots.append(slot)
+                result.addBoth(self._replyReady, slot)
+                return
+        if self._replySlots:
             # It waits behind earlier answers: it must outlive a zero-copy
             # request's view.
             slot = _ReplySlot(msgId)
