@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet import utils
 
 import txqb
-from bench.protocol import payload, payloadOk
+from bench.protocol import payload, payloadOk, payloadParts
 from bench.run import ROOT, SIZES, BenchError, buildC, checkResults, pairs
 from txqb.server import ServiceHandlers
 
@@ -64,9 +64,14 @@ def test_checks_reject() -> None:
     with pytest.raises(BenchError):
         checkResults(["W2:64:5", "W3:64:5"], [good])
     data = bytearray(payload(7, 1024))
+    # bytes, and a view as a zero-copy server gets it
     assert payloadOk(bytes(data), 7) and not payloadOk(bytes(data), 8)
+    assert payloadOk(memoryview(data), 7) and not payloadOk(memoryview(data), 8)
+    assert b"".join(payloadParts(7, 1024)) == data
     data[500] ^= 1
     assert not payloadOk(bytes(data), 7)
+    assert not payloadOk(memoryview(data), 7)
+    assert not payloadOk(memoryview(data)[:-1], 7)
 
 
 class _Corrupting(ServiceHandlers):

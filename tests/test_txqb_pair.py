@@ -126,3 +126,63 @@ async def test_lostConnectionFailsEverything(reactor: Any, serviceName: str, tra
         await stream.__anext__()
     assert not client.connected
     never.callback(b"too late")
+
+
+@pytest_twisted.ensureDeferred
+async def test_gatheredParts(reactor: Any, serviceName: str, transport: str) -> None:
+    """
+    A payload given as parts (``sendv``) arrives as one message, both ways;
+    a message that has to wait for room keeps what its parts held when it
+    was sent, though the sender changes its buffers at once.
+    """
+    sinks: List[bytes] = []
+    eventsSent: List[defer.Deferred[None]] = []
+
+    class Gathering(txqb.ServiceHandlers):
+        def messageReceived(self, connection: Any, msgId: int, payload: bytes) -> Any:
+            if msgId == 1:
+                return payload
+            if msgId == 2:
+                sinks.append(bytes(payload))
+                return None
+            # 3: answer and a burst of events, from one reused buffer each
+            buf = bytearray(3000)
+            for i in range(40):
+                buf[:4] = struct.pack("<I", i)
+                eventsSent.append(connection.sendEvent(9, [b"ev", buf]))
+            buf[:4] = b"done"
+            connection.respond(3, (memoryview(b"resp-"), buf[:4]))
+            return None
+
+    events: List[bytes] = []
+    service = txqb.listen(reactor, serviceName, Gathering(), transport=transport)
+    client = await txqb.connect(reactor, serviceName, maxMessageSize=8192,
+                                eventReceived=lambda m: events.append(bytes(m.payload)))
+    try:
+        reply = await client.request(1, (b"ab", bytearray(b"cd"), memoryview(b"ef")))
+        assert reply.payload == b"abcdef"
+        assert (await client.request(1, [b"x", b""])).payload == b"x"
+        assert (await client.request(1, ())).payload == b""
+        part = bytearray(6000)
+        sent = []
+        for i in range(30):
+            part[:4] = struct.pack("<I", i)
+            sent.append(client.send(2, (b"sink", part)))
+        part[:4] = b"gone"
+        await defer.gatherResults(sent)
+        await client.request(1, b"")  # every sink is in by now
+        assert sinks == [b"sink" + struct.pack("<I", i) + bytes(5996) for i in range(30)]
+        assert (await client.request(3, b"")).payload == b"resp-done"
+        await defer.gatherResults(eventsSent)
+        for _ in range(500):  # (events and responses travel apart)
+            if len(events) == 40:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert events == [b"ev" + struct.pack("<I", i) + bytes(2996) for i in range(40)]
+        half = client.maxMessageSize // 2
+        too_big = client.request(1, (bytes(half), bytes(half)))  # and the header
+        with pytest.raises(txqb.MessageTooLargeError):
+            await too_big
+    finally:
+        await client.disconnect()
+        await service.stopListening()

@@ -34,8 +34,12 @@ from txqb._wire.handshake import (
 from txqb._wire.headers import (
     MalformedMessage,
     Buffer,
+    Gather,
     Message,
+    Payload,
     decodeResponse,
+    heldPayload,
+    payloadSize,
     requestHeader,
 )
 from txqb._wire.naming import DEFAULT_SOCKET_DIR, serviceAddress
@@ -116,7 +120,7 @@ class _Outgoing:
 
     __slots__ = ("header", "payload", "size", "deferred", "expectsReply", "slot", "cancelled")
 
-    def __init__(self, header: bytes, payload: bytes, deferred: Deferred[Any],
+    def __init__(self, header: bytes, payload: Payload, deferred: Deferred[Any],
                  expectsReply: bool, size: int) -> None:
         self.header = header
         self.payload = payload
@@ -285,10 +289,16 @@ class Client:
         return len(self._replies)
 
     def request(
-        self, msgId: int, payload: bytes = b"", timeout: Optional[float] = None
+        self, msgId: int, payload: Gather = b"", timeout: Optional[float] = None
     ) -> Deferred[Message]:
         """
         Send a request and wait for its response (``qb_ipcc_sendv_recv``).
+
+        C{payload} is C{bytes} or any buffer, or a tuple or list of them:
+        the parts go out as one message, each copied once, straight into
+        the ring or the socket, as ``qb_ipcc_sendv``'s iovec does.  A
+        request that must wait for room keeps C{bytes} parts as they are
+        and copies the others, so the caller may reuse its buffers at once.
 
         Any number may be outstanding; each response goes to the oldest
         request still waiting.  Cancelling the L{Deferred}, or its
@@ -305,9 +315,10 @@ class Client:
             d.addTimeout(timeout, self._clock, self._timedOut)
         return d
 
-    def send(self, msgId: int, payload: bytes = b"") -> Deferred[None]:
+    def send(self, msgId: int, payload: Gather = b"") -> Deferred[None]:
         """
-        Send a request that expects no response (``qb_ipcc_send``).
+        Send a request that expects no response (``qb_ipcc_send``, or
+        ``qb_ipcc_sendv`` with a tuple or list of parts: see L{request}).
 
         @return: a L{Deferred} that fires once the message is in the
             server's queue.  While the server has flow control on it waits
@@ -383,11 +394,17 @@ class Client:
 
     # Sending
 
-    def _submit(self, msgId: int, payload: bytes, expectsReply: bool) -> Deferred[Any]:
+    def _submit(self, msgId: int, payload: Gather, expectsReply: bool) -> Deferred[Any]:
         if self._lost is not None:
             return fail(ConnectionLostError(f"{self!r}: {self._lost}"))
-        header = requestHeader(msgId, len(payload))
-        size = len(header) + len(payload)
+        if type(payload) is bytes:
+            length = len(payload)
+        else:
+            if isinstance(payload, list):
+                payload = tuple(payload)
+            length = payloadSize(payload)
+        header = requestHeader(msgId, length)
+        size = len(header) + length
         if size > self.maxMessageSize:
             return fail(
                 MessageTooLargeError(
@@ -399,7 +416,7 @@ class Client:
                          size)
         if self._blocked or not self._ready(item):
             if not isinstance(payload, bytes):
-                item.payload = bytes(payload)  # held: the caller may reuse its buffer
+                item.payload = heldPayload(payload)  # the caller may reuse its buffers
             self._blocked.append(item)
             if self._flowControlled():
                 self._waitForFlowControl()

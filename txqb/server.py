@@ -41,9 +41,11 @@ from txqb._wire.headers import (
     MSG_DISCONNECT,
     MSG_NEW_EVENT_SOCK,
     Buffer,
+    Gather,
     MalformedMessage,
     Message,
     decodeRequest,
+    payloadSize,
     responseHeader,
 )
 from txqb._wire.naming import (
@@ -293,9 +295,12 @@ class ServerConnection:
         """
         self._auth = (uid, gid, mode)
 
-    def respond(self, msgId: int, payload: bytes = b"", error: int = 0) -> Deferred[None]:
+    def respond(self, msgId: int, payload: Gather = b"", error: int = 0) -> Deferred[None]:
         """
-        Send a response (``qb_ipcs_response_send``).
+        Send a response (``qb_ipcs_response_send``; with a tuple or list
+        of buffers, ``qb_ipcs_response_sendv``: the parts go out as one
+        message, gathered where they are, and the caller may reuse its
+        buffers at once).
 
         Clients pair responses with requests by order, so send exactly one
         per request that expects one, in request order.
@@ -309,9 +314,10 @@ class ServerConnection:
         """
         return self._send(msgId, payload, error, response=True)
 
-    def sendEvent(self, msgId: int, payload: bytes = b"", error: int = 0) -> Deferred[None]:
+    def sendEvent(self, msgId: int, payload: Gather = b"", error: int = 0) -> Deferred[None]:
         """
-        Send an event (``qb_ipcs_event_send``), waiting out a full channel.
+        Send an event (``qb_ipcs_event_send``, or ``qb_ipcs_event_sendv``
+        with parts, as L{respond}), waiting out a full channel.
 
         @return: as L{respond}.
         """
@@ -372,11 +378,11 @@ class ServerConnection:
 
     # Sending
 
-    def _send(self, msgId: int, payload: bytes, error: int, response: bool) -> Deferred[None]:
+    def _send(self, msgId: int, payload: Gather, error: int, response: bool) -> Deferred[None]:
         queued = self._transmit(msgId, payload, error, response)
         return succeed(None) if queued is None else queued
 
-    def _transmit(self, msgId: int, payload: bytes, error: int,
+    def _transmit(self, msgId: int, payload: Gather, error: int,
                   response: bool) -> Optional[Deferred[None]]:
         """
         L{_send}, but L{None} for a message already in the channel (the
@@ -385,8 +391,14 @@ class ServerConnection:
         channels = self._channels
         if self._state is not _State.ESTABLISHED or channels is None:
             return fail(ConnectionLostError(f"{self!r} is not connected"))
-        header = responseHeader(msgId, error, len(payload))
-        size = len(header) + len(payload)
+        if type(payload) is bytes:
+            length = len(payload)
+        else:
+            if isinstance(payload, list):
+                payload = tuple(payload)
+            length = payloadSize(payload)
+        header = responseHeader(msgId, error, length)
+        size = len(header) + length
         if size > self.maxMessageSize:
             return fail(
                 MessageTooLargeError(
@@ -625,7 +637,9 @@ class ServerConnection:
         elif isinstance(result, Message):
             d = self._transmit(result.id, result.payload, result.error, True)
         elif isinstance(result, (bytes, bytearray, memoryview)):
-            d = self._transmit(msgId, bytes(result), 0, True)
+            # Written from where it is (a zero-copy request's view is still
+            # valid here); a channel that must hold it copies it first.
+            d = self._transmit(msgId, result, 0, True)
         else:
             log.error(
                 "{conn!r}: handler for id {id} returned {r!r}; answering -EIO",

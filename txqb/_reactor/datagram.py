@@ -28,7 +28,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txqb._wire.headers import Buffer
+from txqb._wire.headers import Buffer, Payload
 
 __all__ = ["DatagramChannel"]
 
@@ -201,11 +201,12 @@ class DatagramChannel:
         """How many datagrams wait for room in the socket."""
         return len(self._queue)
 
-    def send(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+    def send(self, header: bytes, payload: Payload = b"") -> Optional[Deferred[None]]:
         """
-        Send one datagram made of C{header} and C{payload}, or queue it
-        behind the ones already waiting.  A large payload goes out with
-        C{sendmsg} from where it is, not copied behind the header.
+        Send one datagram made of C{header} and C{payload} (or its parts),
+        or queue it behind the ones already waiting.  A large payload, and
+        parts, go out with C{sendmsg} from where they are, not copied
+        behind the header.
 
         @return: L{None} when the datagram went out at once (the common,
             cheap case); otherwise a L{Deferred} that fires when it does,
@@ -217,7 +218,9 @@ class DatagramChannel:
             raise OSError(errno.ENOTCONN, "channel is closed")
         if not self._queue and self._peer is None:
             try:
-                if len(payload) < _GATHER_FROM:
+                if isinstance(payload, tuple):
+                    self._sock.sendmsg((header,) + payload)
+                elif len(payload) < _GATHER_FROM:
                     self._sock.send(header + payload)
                 else:
                     self._sock.sendmsg((header, payload))
@@ -225,7 +228,10 @@ class DatagramChannel:
             except (BlockingIOError, InterruptedError):
                 pass
         d: Deferred[None] = Deferred()
-        self._queue.append((header + payload, d))
+        if isinstance(payload, tuple):
+            self._queue.append((b"".join((header,) + payload), d))
+        else:
+            self._queue.append((header + payload, d))
         if self._peer is not None:
             if self._connectCall is None:
                 self._tryConnect()

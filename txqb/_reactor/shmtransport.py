@@ -37,7 +37,7 @@ from txqb._posix.shmring import SharedRing
 from txqb._posix.shmring import removeIfOrphaned as _removeIfOrphaned
 from txqb._posix.uring import CANCELLED, FutexRing, futexRingAvailable
 from txqb._wire.handshake import TRANSPORT_SHM
-from txqb._wire.headers import Buffer
+from txqb._wire.headers import Buffer, Payload, heldPayload, payloadSize
 from txqb._wire.naming import shmNames
 from txqb._wire.ring import CHUNK_OVERHEAD, USER_DATA, Ring, RingError, storeWord
 
@@ -274,7 +274,7 @@ class _RingWriter:
         self._clock = clock
         self._ring = ring
         self._afterWrite = afterWrite
-        self._queue: Deque[Tuple[bytes, bytes, Deferred[None]]] = deque()
+        self._queue: Deque[Tuple[bytes, Payload, Deferred[None]]] = deque()
         self._call: Optional[IDelayedCall] = None
         self._delay = _RETRY_FIRST
         self._watching = False
@@ -287,7 +287,8 @@ class _RingWriter:
         """Watcher thread: whether the next queued chunk fits now."""
         try:
             header, payload, _ = self._queue[0]
-            room: bool = self._ring.freeSpace() >= len(header) + len(payload) + CHUNK_OVERHEAD
+            need = len(header) + payloadSize(payload) + CHUNK_OVERHEAD
+            room: bool = self._ring.freeSpace() >= need
             return room
         except (IndexError, ValueError, OSError):
             # Emptied or closed meanwhile: let the reactor thread see.
@@ -311,15 +312,15 @@ class _RingWriter:
             self._watching = False
             _roomWatcher.unwatch(self)
 
-    def write(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+    def write(self, header: bytes, payload: Payload = b"") -> Optional[Deferred[None]]:
         """
-        Write one chunk of two pieces (a header and its payload): at once,
-        or later, in order (then the payload is copied unless it is
-        C{bytes}: the caller's buffer may change or be a view of a ring).
+        Write one chunk (a header and its payload, or the payload's parts):
+        at once, or later, in order (then what is not C{bytes} is copied:
+        the caller's buffer may change or be a view of a ring).
         """
         if not self._queue:
             try:
-                self._ring.write(header, payload)
+                self._put(header, payload)
             except RingError as e:
                 if e.errno != errno.EAGAIN:
                     raise OSError(e.errno, str(e)) from None
@@ -327,9 +328,15 @@ class _RingWriter:
                 self._afterWrite()
                 return None
         d: Deferred[None] = Deferred()
-        self._queue.append((header, payload if isinstance(payload, bytes) else bytes(payload), d))
+        self._queue.append((header, heldPayload(payload), d))
         self._wait()
         return d
+
+    def _put(self, header: bytes, payload: Payload) -> None:
+        if isinstance(payload, tuple):
+            self._ring.write(header, *payload)
+        else:
+            self._ring.write(header, payload)
 
     def kick(self) -> None:
         """The reader has (perhaps) just taken something: retry the queue now."""
@@ -345,7 +352,7 @@ class _RingWriter:
         while self._queue:
             header, payload, d = self._queue[0]
             try:
-                self._ring.write(header, payload)
+                self._put(header, payload)
             except RingError:
                 self._delay = min(self._delay * 2, _RETRY_MAX)
                 self._wait()
@@ -472,11 +479,11 @@ class ServerShmChannels:
                 self._unmap()
                 return
 
-    def sendResponse(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+    def sendResponse(self, header: bytes, payload: Payload = b"") -> Optional[Deferred[None]]:
         """Commit a response; the client is waiting on the semaphore."""
         return self._responses.write(header, payload)
 
-    def sendEvent(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+    def sendEvent(self, header: bytes, payload: Payload = b"") -> Optional[Deferred[None]]:
         """Commit an event and ring its doorbell."""
         return self._events.write(header, payload)
 
@@ -1133,7 +1140,7 @@ class ClientShmChannels:
             return 0
         return self._request.ring.userWord()
 
-    def sendRequest(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+    def sendRequest(self, header: bytes, payload: Payload = b"") -> Optional[Deferred[None]]:
         """Commit a request; waits (in order) while the ring is full."""
         if self.closed:
             raise OSError(errno.ENOTCONN, "connection closed")

@@ -30,7 +30,7 @@ from txqb._posix.sockets import (
 )
 from txqb._reactor.datagram import DatagramChannel
 from txqb._wire.handshake import TRANSPORT_SOCKET
-from txqb._wire.headers import Buffer
+from txqb._wire.headers import Buffer, Payload
 from txqb._wire.naming import socketNames
 from txqb._wire.ring import loadInt, storeWord
 
@@ -137,11 +137,11 @@ class ServerSocketChannels:
     def setupBytesReceived(self, data: bytes) -> None:
         """Bytes on the setup socket mean nothing in this transport."""
 
-    def sendResponse(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+    def sendResponse(self, header: bytes, payload: Payload = b"") -> Optional[Deferred[None]]:
         """Send one response datagram (queued while the socket is full)."""
         return self.requests.send(header, payload)
 
-    def sendEvent(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+    def sendEvent(self, header: bytes, payload: Payload = b"") -> Optional[Deferred[None]]:
         """Send one event datagram and count it for queue-length stats."""
         result = self.events.send(header, payload)
         if self._control is not None:
@@ -229,7 +229,7 @@ class ClientSocketChannels:
             return 0
         return loadInt(self._control, CONTROL_REQUEST_FLOW_CONTROL)
 
-    def sendRequest(self, header: bytes, payload: Buffer = b"") -> Optional[Deferred[None]]:
+    def sendRequest(self, header: bytes, payload: Payload = b"") -> Optional[Deferred[None]]:
         """Send one request datagram, counting it as libqb's client does."""
         result = self.requests.send(header, payload)
         if self._control is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import NamedTuple, Union
+from typing import List, NamedTuple, Tuple, Union
 
 __all__ = [
     "REQUEST_HEADER",
@@ -31,6 +31,10 @@ __all__ = [
     "MSG_USER_START",
     "MalformedMessage",
     "Message",
+    "Payload",
+    "Gather",
+    "heldPayload",
+    "payloadSize",
     "encodeRequest",
     "encodeResponse",
     "requestHeader",
@@ -40,6 +44,35 @@ __all__ = [
 ]
 
 Buffer = Union[bytes, bytearray, memoryview]
+
+Payload = Union[Buffer, Tuple[Buffer, ...]]
+"""
+A message body: one buffer, or a tuple of buffers that go out as one
+message, gathered where they are (libqb's ``sendv`` with an iovec).
+"""
+
+Gather = Union[Payload, List[Buffer]]
+"""What the sending APIs take: a L{Payload}, or its parts as a list."""
+
+
+def payloadSize(payload: Payload) -> int:
+    """The bytes in a L{Payload}."""
+    if isinstance(payload, tuple):
+        return sum(len(part) for part in payload)
+    return len(payload)
+
+
+def heldPayload(payload: Payload) -> Payload:
+    """
+    A L{Payload} safe to keep for a later send: C{bytes} as they are (they
+    cannot change), any other buffer copied (its owner may reuse it, or it
+    may be a view into a ring).
+    """
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, tuple):
+        return tuple(p if isinstance(p, bytes) else bytes(p) for p in payload)
+    return bytes(payload)
 
 REQUEST_HEADER = struct.Struct("<i4xi4x")
 """``struct qb_ipc_request_header``: id, size (each padded to 8 bytes)."""
