@@ -349,6 +349,13 @@ async def test_txqbClientMegabyte(reactor: Any, cpeers: Peers, serviceName: str,
             for size in (0, 1, 65536, 700000, 700000, 700000, (1 << 20) - 24):
                 payload = os.urandom(size)
                 assert (await client.request(0, payload)).payload == payload
+                # Gathered (sendv): parts of every buffer kind, across the
+                # ring's end as often as not.
+                view = memoryview(payload)
+                a = min(1, size)
+                b = max(a, size // 3)
+                parts = [view[:a], bytearray(view[a:b]), bytes(view[b:])]
+                assert (await client.request(0, parts)).payload == payload
         finally:
             await client.disconnect()
 

@@ -38,8 +38,8 @@ from txqb._wire.headers import (
     Message,
     Payload,
     decodeResponse,
+    gathered,
     heldPayload,
-    payloadSize,
     requestHeader,
 )
 from txqb._wire.naming import DEFAULT_SOCKET_DIR, serviceAddress
@@ -398,11 +398,9 @@ class Client:
         if self._lost is not None:
             return fail(ConnectionLostError(f"{self!r}: {self._lost}"))
         if type(payload) is bytes:
-            length = len(payload)
+            length = len(payload)  # (the common case, without a call)
         else:
-            if isinstance(payload, list):
-                payload = tuple(payload)
-            length = payloadSize(payload)
+            payload, length = gathered(payload)
         header = requestHeader(msgId, length)
         size = len(header) + length
         if size > self.maxMessageSize:

@@ -45,7 +45,7 @@ from txqb._wire.headers import (
     MalformedMessage,
     Message,
     decodeRequest,
-    payloadSize,
+    gathered,
     responseHeader,
 )
 from txqb._wire.naming import (
@@ -392,11 +392,9 @@ class ServerConnection:
         if self._state is not _State.ESTABLISHED or channels is None:
             return fail(ConnectionLostError(f"{self!r} is not connected"))
         if type(payload) is bytes:
-            length = len(payload)
+            length = len(payload)  # (the common case, without a call)
         else:
-            if isinstance(payload, list):
-                payload = tuple(payload)
-            length = payloadSize(payload)
+            payload, length = gathered(payload)
         header = responseHeader(msgId, error, length)
         size = len(header) + length
         if size > self.maxMessageSize:

@@ -33,6 +33,7 @@ __all__ = [
     "Message",
     "Payload",
     "Gather",
+    "gathered",
     "heldPayload",
     "payloadSize",
     "encodeRequest",
@@ -60,6 +61,14 @@ def payloadSize(payload: Payload) -> int:
     if isinstance(payload, tuple):
         return sum(len(part) for part in payload)
     return len(payload)
+
+
+def gathered(payload: Gather) -> Tuple[Payload, int]:
+    """What a sending API was given, as a L{Payload} (a list of parts made a
+    tuple), and its size."""
+    if isinstance(payload, list):
+        payload = tuple(payload)
+    return payload, payloadSize(payload)
 
 
 def heldPayload(payload: Payload) -> Payload:
