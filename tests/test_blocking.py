@@ -85,6 +85,8 @@ async def test_requestsAndEvents(reactor: Any, cpeers: Peers, serviceName: str, 
                 assert client.transportType == (1 if transport == "shm" else 0)
                 assert client.serverCredentials.pid == server.pid
                 echoed = client.request(0, b"hello", timeout=10)
+                gathered = client.request(0, [b"he", bytearray(b"ll"), memoryview(b"o")])
+                assert gathered == echoed
                 invalid = client.request(99, b"", timeout=10)
                 burst = client.request(1, _EVENTS.pack(5, 64), timeout=10)
                 events = [client.receiveEvent(10) for _ in range(5)]

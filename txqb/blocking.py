@@ -49,7 +49,7 @@ from txqb._wire.handshake import (
     ConnectionRequest,
     ConnectionResponse,
 )
-from txqb._wire.headers import MalformedMessage, Message, decodeResponse, encodeRequest
+from txqb._wire.headers import Gather, MalformedMessage, Message, decodeResponse, encodeRequest
 from txqb._wire.naming import (
     DEFAULT_SOCKET_DIR,
     FORCE_FILESYSTEM_FLAG,
@@ -363,10 +363,12 @@ class BlockingClient:
             self.close()
             raise
 
-    def send(self, msgId: int, payload: bytes = b"", timeout: Optional[float] = None) -> None:
+    def send(self, msgId: int, payload: Gather = b"", timeout: Optional[float] = None) -> None:
         """
         Send a request that expects no response (``qb_ipcc_send``),
         waiting while the server has flow control on or its queue is full.
+        C{payload} may be a tuple or list of buffers (``qb_ipcc_sendv``),
+        joined into one message.
 
         @raise MessageTooLargeError: larger than the negotiated size;
             nothing was sent.
@@ -389,7 +391,7 @@ class BlockingClient:
             delay = min(delay * 2, _POLL_MAX)
         self._checked(lambda: channels.sendRequest(data, deadline))
 
-    def request(self, msgId: int, payload: bytes = b"", timeout: Optional[float] = None) -> Message:
+    def request(self, msgId: int, payload: Gather = b"", timeout: Optional[float] = None) -> Message:
         """
         Send a request and wait for its response (``qb_ipcc_sendv_recv``).
 

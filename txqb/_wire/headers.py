@@ -160,15 +160,20 @@ def responseHeader(msgId: int, error: int, payloadLength: int) -> bytes:
     return RESPONSE_HEADER.pack(msgId, RESPONSE_HEADER_SIZE + payloadLength, error)
 
 
-def encodeRequest(msgId: int, payload: Buffer = b"") -> bytes:
-    """Frame a request: a 16-byte header followed by ``payload``."""
+def encodeRequest(msgId: int, payload: Gather = b"") -> bytes:
+    """Frame a request: a 16-byte header followed by ``payload`` (joined)."""
+    if isinstance(payload, (tuple, list)):
+        payload = b"".join(payload)
     return requestHeader(msgId, len(payload)) + payload
 
 
-def encodeResponse(msgId: int, error: int, payload: Buffer = b"") -> bytes:
+def encodeResponse(msgId: int, error: int, payload: Gather = b"") -> bytes:
     """
-    Frame a response or an event: a 24-byte header followed by ``payload``.
+    Frame a response or an event: a 24-byte header followed by ``payload``
+    (joined).
     """
+    if isinstance(payload, (tuple, list)):
+        payload = b"".join(payload)
     return responseHeader(msgId, error, len(payload)) + payload
 
 
