@@ -163,6 +163,10 @@ async def test_gatheredParts(reactor: Any, serviceName: str, transport: str) -> 
         assert reply.payload == b"abcdef"
         assert (await client.request(1, [b"x", b""])).payload == b"x"
         assert (await client.request(1, ())).payload == b""
+        # Views of wider items, or strided ones, count and copy as bytes.
+        wide = memoryview(b"abcdefgh").cast("I")
+        assert (await client.request(1, wide)).payload == b"abcdefgh"
+        assert (await client.request(1, [wide, memoryview(b"0123")[::2]])).payload == b"abcdefgh02"
         part = bytearray(6000)
         sent = []
         for i in range(30):

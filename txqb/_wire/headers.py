@@ -64,11 +64,26 @@ def payloadSize(payload: Payload) -> int:
 
 
 def gathered(payload: Gather) -> Tuple[Payload, int]:
-    """What a sending API was given, as a L{Payload} (a list of parts made a
-    tuple), and its size."""
-    if isinstance(payload, list):
-        payload = tuple(payload)
+    """
+    What a sending API was given, as a L{Payload} of plain byte buffers (a
+    list of parts made a tuple; a view of wider items, or a strided one,
+    made bytes, so that lengths count bytes and parts copy as bytes), and
+    its size.
+    """
+    if isinstance(payload, (tuple, list)):
+        payload = tuple(_bytewise(p) for p in payload)
+    else:
+        payload = _bytewise(payload)
     return payload, payloadSize(payload)
+
+
+def _bytewise(part: Buffer) -> Buffer:
+    if isinstance(part, (bytes, bytearray)):
+        return part
+    view = memoryview(part)
+    if view.format == "B" and view.c_contiguous:
+        return part
+    return view.cast("B") if view.c_contiguous else view.tobytes()
 
 
 def heldPayload(payload: Payload) -> Payload:
