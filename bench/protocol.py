@@ -61,10 +61,15 @@ def payloadOk(data: Any, seq: int) -> bool:
     return tail(n).startswith(memoryview(data)[4:])
 
 
+GATHER_FROM = 16384
+"""Payloads from this size up are sent as parts by the senders that can."""
+
+
 def payloadParts(seq: int, size: int) -> Tuple[bytes, bytes]:
     """
     L{payload} as its two parts, for senders that gather (txqb's, like the
-    C programs' ``sendv``): no new megabyte per message.
+    C programs' ``sendv``): no new megabyte per message.  (Below
+    L{GATHER_FROM} joining costs less than gathering.)
     """
     return U32.pack(seq & 0xFFFFFFFF), tail(size)
 

@@ -22,6 +22,7 @@ from bench.protocol import (
     BIG_MAX,
     ECHO,
     EVENTS,
+    GATHER_FROM,
     PAIR,
     SINK,
     SMALL_MAX,
@@ -346,7 +347,7 @@ async def w2(conn: Any, size: int, count: int) -> bool:
     send = conn.send
     # txqb gathers the parts as the C client's sendv does; the stream
     # transports take one string, so those get it made.
-    make = payloadParts if isinstance(conn, TxqbConn) else payload
+    make = payloadParts if isinstance(conn, TxqbConn) and size >= GATHER_FROM else payload
     for i in range(count):
         d = send(SINK, make(i, size))
         if d is not None:
@@ -453,8 +454,9 @@ def _txqbHandlers() -> Any:
 
         async def _burst(self, connection: Any, count: int, size: int) -> Any:
             sendEvent = connection.sendEvent
+            make = payloadParts if size >= GATHER_FROM else payload
             for seq in range(count):
-                d = sendEvent(EVENTS, payloadParts(seq, size))
+                d = sendEvent(EVENTS, make(seq, size))
                 if not d.called or isinstance(d.result, Failure):
                     await d
             return Message(EVENTS, 0, U32.pack(count))

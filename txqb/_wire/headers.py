@@ -70,11 +70,17 @@ def gathered(payload: Gather) -> Tuple[Payload, int]:
     made bytes, so that lengths count bytes and parts copy as bytes), and
     its size.
     """
-    if isinstance(payload, (tuple, list)):
-        payload = tuple(_bytewise(p) for p in payload)
-    else:
+    if not isinstance(payload, (tuple, list)):
         payload = _bytewise(payload)
-    return payload, payloadSize(payload)
+        return payload, len(payload)
+    parts = []
+    size = 0
+    for part in payload:
+        if type(part) is not bytes:
+            part = _bytewise(part)
+        parts.append(part)
+        size += len(part)
+    return tuple(parts), size
 
 
 def _bytewise(part: Buffer) -> Buffer:
