@@ -209,7 +209,9 @@ class ServiceStats:
     closedConnections: int = 0
 
 
-_PLAIN_RESULTS = frozenset((bytes, Message, type(None)))
+# Answers that are neither awaitable nor Deferred (a zero-copy echo's
+# memoryview among them), told apart without an ABC isinstance.
+_PLAIN_RESULTS = frozenset((bytes, bytearray, memoryview, Message, type(None)))
 
 
 def _owned(result: Any) -> Any:
