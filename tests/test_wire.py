@@ -107,6 +107,12 @@ def test_messagesGolden() -> None:
     assert decodeRequest(GOLDEN_REQUEST, 12328) == Message(123, 0, b"A" * 8)
     assert encodeResponse(123, 0, b"A" * 8) == GOLDEN_RESPONSE
     assert decodeResponse(GOLDEN_RESPONSE, 12328) == Message(123, 0, b"A" * 8)
+    # In parts, or as a view of wider items: the header counts bytes.
+    wide = memoryview(b"A" * 8).cast("I")
+    assert encodeRequest(123, [b"AAA", bytearray(b"AAAAA")]) == GOLDEN_REQUEST
+    assert encodeRequest(123, wide) == GOLDEN_REQUEST
+    assert encodeResponse(123, 0, (wide[:1], wide[1:])) == GOLDEN_RESPONSE
+    assert encodeResponse(123, 0, wide) == GOLDEN_RESPONSE
 
 
 def _withSize(data: bytes, size: int) -> bytes:

@@ -13,7 +13,7 @@ from typing import Any, List
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import defer, task
 
 import txqb
 from cprocs import CServer, runClient
@@ -158,3 +158,42 @@ async def test_clientZeroCopyBackToBack(
         await client.disconnect()
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_serverZeroCopyAnswersWait(reactor: Any, serviceName: str, transport: str) -> None:
+    """
+    Answers made of a zero-copy request's views (whole, or as a Message's
+    parts) that wait behind a slower answer keep what the request held,
+    though the ring or buffer under them is reused meanwhile.
+    """
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    class Gated(txqb.ServiceHandlers):
+        def messageReceived(self, connection: Any, msgId: int, payload: Any) -> Any:
+            if msgId == 1:
+                return gate.addCallback(lambda _: b"first")
+            if msgId == 2:
+                return txqb.Message(2, 0, [payload[:3], payload[3:]])
+            return payload
+
+    service = txqb.listen(reactor, serviceName, Gated(), transport=transport, zeroCopy=True)
+    client = await txqb.connect(reactor, serviceName, maxMessageSize=8192, maxInFlight=100,
+                                maxInFlightBytes=1 << 20)
+    try:
+        replies = [client.request(1)]
+        for n in range(40):  # more than the ring holds: it is reused under them
+            body = (b"%02d" % n) * 500
+            replies.append(client.request(2 if n % 2 else 0, body))
+        (conn,) = service.connections
+        for _ in range(500):  # until every request is in and answered, held
+            if conn.stats().requests == 41:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert conn.stats().requests == 41
+        gate.callback(None)
+        got = [(await d).payload for d in replies]
+        assert got == [b"first"] + [(b"%02d" % n) * 500 for n in range(40)]
+    finally:
+        await client.disconnect()
+        await service.stopListening()

@@ -46,6 +46,7 @@ from txqb._wire.headers import (
     Message,
     decodeRequest,
     gathered,
+    heldPayload,
     responseHeader,
 )
 from txqb._wire.naming import (
@@ -215,10 +216,12 @@ _PLAIN_RESULTS = frozenset((bytes, bytearray, memoryview, Message, type(None)))
 
 
 def _owned(result: Any) -> Any:
-    if isinstance(result, memoryview):
-        return bytes(result)
-    if isinstance(result, Message) and isinstance(result.payload, memoryview):
-        return Message(result.id, result.error, bytes(result.payload))
+    # An answer that waits behind earlier ones, made to outlive the request
+    # (a zero-copy request's views, a Message's parts among them).
+    if isinstance(result, (bytearray, memoryview)):
+        return heldPayload(result)
+    if isinstance(result, Message) and not isinstance(result.payload, bytes):
+        return Message(result.id, result.error, heldPayload(gathered(result.payload)[0]))
     return result
 
 

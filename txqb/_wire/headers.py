@@ -86,7 +86,7 @@ def gathered(payload: Gather) -> Tuple[Payload, int]:
 def _bytewise(part: Buffer) -> Buffer:
     if isinstance(part, (bytes, bytearray)):
         return part
-    view = memoryview(part)
+    view = part if isinstance(part, memoryview) else memoryview(part)
     if view.format == "B" and view.c_contiguous:
         return part
     return view.cast("B") if view.c_contiguous else view.tobytes()
@@ -183,9 +183,8 @@ def responseHeader(msgId: int, error: int, payloadLength: int) -> bytes:
 
 def encodeRequest(msgId: int, payload: Gather = b"") -> bytes:
     """Frame a request: a 16-byte header followed by ``payload`` (joined)."""
-    if isinstance(payload, (tuple, list)):
-        payload = b"".join(payload)
-    return requestHeader(msgId, len(payload)) + payload
+    body = _joined(payload)
+    return requestHeader(msgId, len(body)) + body
 
 
 def encodeResponse(msgId: int, error: int, payload: Gather = b"") -> bytes:
@@ -193,9 +192,16 @@ def encodeResponse(msgId: int, error: int, payload: Gather = b"") -> bytes:
     Frame a response or an event: a 24-byte header followed by ``payload``
     (joined).
     """
+    body = _joined(payload)
+    return responseHeader(msgId, error, len(body)) + body
+
+
+def _joined(payload: Gather) -> Buffer:
+    # One buffer whose length counts bytes (b"".join takes every part's
+    # bytes, whatever its item size).
     if isinstance(payload, (tuple, list)):
-        payload = b"".join(payload)
-    return responseHeader(msgId, error, len(payload)) + payload
+        return b"".join(payload)
+    return _bytewise(payload)
 
 
 def decodeRequest(data: Buffer, maxSize: int, copy: bool = True) -> Message:
