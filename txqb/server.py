@@ -27,6 +27,7 @@ from txqb._posix.files import SHM_DIR, PrivateDirectory
 from txqb._posix.sockets import Credentials, peerCredentials, streamListener
 from txqb._reactor.shmtransport import ServerShmChannels
 from txqb._reactor.sockettransport import ServerSocketChannels
+from txqb._reactor.hub import readerHubFor
 from txqb._reactor.stream import SetupProtocol, UnixStreamTransport
 from txqb._wire.handshake import (
     CONNECTION_REQUEST_SIZE,
@@ -266,8 +267,12 @@ class ServerConnection:
         self._closedRetry: Optional[IDelayedCall] = None
         self._fd = sock.fileno()
         self._askedAccept = False
+        # A server's connections share one reader of the reactor: a busy
+        # server's wake-ups then cost one pass of the reactor's dispatch
+        # per turn, not one per connection (txqb._reactor.hub).
         self._transport = UnixStreamTransport(
-            sock, SetupProtocol(self), self._reactor, service.address
+            sock, SetupProtocol(self), self._reactor, service.address,
+            readers=readerHubFor(self._reactor),
         )
         self._handshakeTimer: Optional[IDelayedCall] = self._clock.callLater(
             service.handshakeTimeout, self._handshakeTimedOut

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txqb._wire.headers import Buffer, Payload
+from txqb._reactor.hub import Readers
 
 __all__ = ["DatagramChannel"]
 
@@ -57,6 +58,8 @@ class DatagramChannel:
         C{connectTries} times.
     @param batch: datagrams read per wake-up at most, so that one busy
         channel cannot starve the others sharing the reactor.
+    @param readers: what drives the reads: the reactor (the default), or
+        a L{txqb._reactor.hub.ReaderHub} (a server's many connections).
     """
 
     def __init__(
@@ -71,8 +74,10 @@ class DatagramChannel:
         connectInterval: float = 0.1,
         batch: int = 64,
         name: str = "qb-dgram",
+        readers: Optional[Readers] = None,
     ) -> None:
         self._reactor = reactor
+        self._readers: Readers = reactor if readers is None else readers
         self._sock = sock
         self._fd = sock.fileno()
         self._buffer = bytearray(receiveSize + 1)
@@ -186,13 +191,13 @@ class DatagramChannel:
         """Have the reactor deliver datagrams."""
         if not self._reading and not self.closed:
             self._reading = True
-            self._reactor.addReader(self)
+            self._readers.addReader(self)
 
     def stopReading(self) -> None:
         """Leave datagrams in the socket (libqb's flow control relies on it)."""
         if self._reading:
             self._reading = False
-            self._reactor.removeReader(self)
+            self._readers.removeReader(self)
 
     # Writing
 

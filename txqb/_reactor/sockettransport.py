@@ -29,6 +29,7 @@ from txqb._posix.sockets import (
     openClientSocketFiles,
 )
 from txqb._reactor.datagram import DatagramChannel
+from txqb._reactor.hub import readerHubFor
 from txqb._wire.handshake import TRANSPORT_SOCKET
 from txqb._wire.headers import Buffer, Payload
 from txqb._wire.naming import socketNames
@@ -100,6 +101,7 @@ class ServerSocketChannels:
             onError,
             peer=names.response,
             name="qb-request",
+            readers=readerHubFor(reactor),
         )
         self.events = DatagramChannel(
             reactor,

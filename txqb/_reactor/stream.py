@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from txqb._posix.libc import libcKeepingGil as _libcKeepingGil
 from txqb._posix.sockets import CREDENTIALS_CMSG_SPACE, Credentials, parseCredentials
+from txqb._reactor.hub import Readers
 
 __all__ = ["UnixStreamTransport", "UnixSetupAddress", "SetupOwner", "SetupProtocol"]
 
@@ -81,6 +82,8 @@ class UnixStreamTransport(FileDescriptor):
     @ivar credentials: the peer's credentials from the first
         ``SCM_CREDENTIALS`` message received while C{wantCredentials} was
         on (a libqb client reads the server's credentials this way).
+    @ivar readers: what drives the reads: the reactor, or a
+        L{txqb._reactor.hub.ReaderHub} (a server's many connections).
     """
 
     def __init__(
@@ -90,8 +93,10 @@ class UnixStreamTransport(FileDescriptor):
         reactor: IReactorFDSet,
         address: bytes,
         wantCredentials: bool = False,
+        readers: Optional[Readers] = None,
     ) -> None:
         super().__init__(reactor)  # type: ignore[arg-type]
+        self.readers: Readers = reactor if readers is None else readers
         self.socket = sock
         self._fd = sock.fileno()
         self.protocol = protocol
@@ -106,6 +111,14 @@ class UnixStreamTransport(FileDescriptor):
     def fileno(self) -> int:
         """The socket's descriptor, or -1 once closed."""
         return self._fd
+
+    def startReading(self) -> None:
+        """Have L{readers} call L{doRead} when there is something to read."""
+        self.readers.addReader(self)
+
+    def stopReading(self) -> None:
+        """Leave what arrives in the socket (L{readers} stops calling)."""
+        self.readers.removeReader(self)
 
     def logPrefix(self) -> str:
         """Name the service in log lines."""
