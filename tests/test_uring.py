@@ -18,7 +18,7 @@ from typing import Any, Iterator, List
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
 import txqb
@@ -277,3 +277,47 @@ async def _until(reactor: Any, condition: Any) -> None:
         reactor.callLater(0.005, d.callback, None)
         await d
     raise AssertionError("condition never held")
+
+
+@pytest_twisted.ensureDeferred
+async def test_requestsSentWhileResponsesAreDeliveredRingWhenTheBatchEnds(
+        reactor: Any, cpeers: Peers, serviceName: str) -> None:
+    """
+    Requests that response callbacks send while the reactor's ring
+    delivers a batch of responses ring their doorbells when the batch
+    ends, together (the server then finds them ready at once), and each
+    still with exactly one byte: a C libqb server reads one byte per
+    request and would not answer one whose byte never came, nor stay in
+    step with an extra one.
+    """
+    turnEnd = shmtransport._turnEndFor(reactor)
+    seen: List[bool] = []
+
+    async def chain(client: txqb.Client, tag: int) -> List[bytes]:
+        got = []
+        for i in range(30):
+            reply = client.request(0, b"%d/%d" % (tag, i))
+            # Sent from the previous response's callback: the bell waits.
+            seen.append(turnEnd.gathering)
+            got.append((await reply.addTimeout(10, reactor)).payload)
+        return got
+
+    async with await CServer(reactor, cpeers, serviceName, "--transport", "shm").start():
+        clients = [await txqb.connect(reactor, serviceName) for _ in range(4)]
+        try:
+            assert all(isinstance(_waiterOf(c), shmtransport._UringSemaphore) for c in clients)
+            results = await defer.gatherResults(
+                [defer.ensureDeferred(chain(c, t)) for t, c in enumerate(clients)])
+            assert results == [[b"%d/%d" % (t, i) for i in range(30)] for t in range(4)]
+            # All but each chain's first request were sent from a callback
+            # run by the ring's delivery.
+            assert seen.count(True) == 4 * 29
+            # (This runs inside the last response's callback: the pass is
+            # over once the reactor is back.)
+            await task.deferLater(reactor, 0, lambda: None)
+            assert not turnEnd.gathering and not turnEnd._held
+            for c in clients:
+                assert (await c.request(0, b"after")).payload == b"after"
+        finally:
+            for client in clients:
+                await client.disconnect()

@@ -106,6 +106,29 @@ class _TurnEnd:
         self._held: List[_Doorbell] = []
         self.turn = 0
         """Advances at the end of each turn in which a doorbell rang."""
+        self.gathering = False
+        """
+        A pass over many responses is under way (L{gather}): the
+        doorbells of the requests their callbacks send wait for its end.
+        """
+
+    def gather(self) -> None:
+        """
+        Hold every doorbell until L{release}: the requests that a batch of
+        responses' callbacks send then reach the server with one wake-up
+        (its reactor finds them all ready at once), not one each as they
+        are made.
+        """
+        self.gathering = True
+
+    def release(self) -> None:
+        """Ring what L{gather} held; the rest of the turn rings at its end."""
+        self.gathering = False
+        if self._held:
+            self.begin()
+            held, self._held = self._held, []
+            for bell in held:
+                bell.flush()
 
     def begin(self) -> None:
         """A doorbell rang at once: end this turn once the reactor is done."""
@@ -151,8 +174,9 @@ class _Doorbell:
     chunk of a reactor turn rings at once (a waiting peer wakes without
     delay), the rest of that turn's bytes go out together at the end of
     the turn (L{_TurnEnd}), or every L{BATCH} chunks, so a burst costs a
-    few system calls, not one each.  Every chunk still gets exactly one
-    byte, after its post.
+    few system calls, not one each.  While the reactor delivers a batch of
+    responses (L{_TurnEnd.gather}), the first waits too, for the batch's
+    end.  Every chunk still gets exactly one byte, after its post.
     """
 
     BATCH = 64
@@ -168,9 +192,10 @@ class _Doorbell:
         turnEnd = self._turnEnd
         if self._turn != turnEnd.turn:
             self._turn = turnEnd.turn
-            self._send(self._byte)
-            turnEnd.begin()
-            return
+            if not turnEnd.gathering:
+                self._send(self._byte)
+                turnEnd.begin()
+                return
         if not self._held:
             turnEnd.hold(self)
         self._held += 1
@@ -968,6 +993,8 @@ class _UringWatch:
             return
         slots = self._slots
         self._reaping = True
+        turnEnd = _turnEndFor(self._reactor)
+        turnEnd.gather()
         try:
             for userData, result in ring.reap():
                 slot = userData & 0xFFFF
@@ -982,6 +1009,7 @@ class _UringWatch:
                     watched.failed(OSError(-result, f"futex wait: {os.strerror(-result)}"))
         finally:
             self._reaping = False
+            turnEnd.release()
             if self._ring is ring:
                 ring.flush()
 
