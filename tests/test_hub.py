@@ -60,6 +60,7 @@ class _Reader:
 @pytest.fixture
 def hub(reactor: Any) -> Iterator[ReaderHub]:
     h = ReaderHub(reactor)
+    h.GATHER_FROM, h.SCATTER_AT = 1, 0  # (its own set from the first reader on)
     yield h
     assert h.fileno() == -1 and h not in reactor.getReaders()
 
@@ -117,6 +118,7 @@ async def test_aReaderThatEndsOrRaisesIsDisconnectedAndTheOthersGoOn(
                            zip(pairs, ("read", "raise", "read")))
     for r in (hangs, raises, fine):
         hub.addReader(r)
+    assert hub.gathered
     try:
         pairs[0][0].close()
         pairs[1][0].send(b"x")
@@ -173,6 +175,51 @@ async def test_theHubLostTellsEveryReader(reactor: Any, hub: ReaderHub) -> None:
     finally:
         for ours, _ in pairs:
             ours.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_aFewReadersAreTheReactorsOwn(reactor: Any) -> None:
+    """
+    Below GATHER_FROM readers the reactor reads them itself; from then on
+    all are in the hub's set (one reader of the reactor); down to
+    SCATTER_AT, they go back.  Every byte is read throughout.
+    """
+    hub = ReaderHub(reactor)
+    pairs = _pairs(ReaderHub.GATHER_FROM)
+    readers = [_Reader(theirs, hub) for _, theirs in pairs]
+
+    async def allRead(which: List[_Reader], tag: bytes) -> None:
+        for r, (ours, _) in zip(readers, pairs):
+            if r in which:
+                ours.send(tag)
+        for r in which:
+            while tag not in r.got:
+                await task.deferLater(reactor, 0.001, lambda: None)
+
+    try:
+        for r in readers[:-1]:
+            hub.addReader(r)
+        assert not hub.gathered and hub.fileno() == -1
+        assert set(readers[:-1]) <= set(reactor.getReaders())
+        await allRead(readers[:-1], b"a")
+        hub.addReader(readers[-1])
+        assert hub.gathered and hub in reactor.getReaders()
+        assert not set(readers) & set(reactor.getReaders())
+        assert hub.getReaders() == readers
+        await allRead(readers, b"b")
+        kept = readers[:ReaderHub.SCATTER_AT]
+        for r in readers[ReaderHub.SCATTER_AT:]:
+            hub.removeReader(r)
+        assert not hub.gathered and hub not in reactor.getReaders()
+        assert set(kept) <= set(reactor.getReaders()) and hub.getReaders() == kept
+        await allRead(kept, b"c")
+    finally:
+        for r in readers:
+            hub.removeReader(r)
+            r.sock.close()
+        for ours, _ in pairs:
+            ours.close()
+    assert not set(readers) & set(reactor.getReaders())
 
 
 def test_theReactorHasOneHub(reactor: Any) -> None:

@@ -57,36 +57,63 @@ class ReaderHub:
     docstring): C{addReader} and C{removeReader} as the reactor has them,
     for descriptors whose reads this hub drives.
 
-    Readers are called in the order the kernel reports them, at most
-    L{MAX_EVENTS} per turn of the reactor; the rest stay ready and are
-    called on the next turn, so one turn stays bounded.
+    A few readers are cheaper in the reactor itself (the hub's second
+    ``epoll_wait`` costs more than the dispatch it saves when one is
+    ready at a time): the hub hands its readers to the reactor while it
+    has fewer than L{GATHER_FROM}, takes them all into its set once it
+    has that many, and gives them back once they are down to L{SCATTER_AT}.
+
+    Readers in the set are called in the order the kernel reports them,
+    at most L{MAX_EVENTS} per turn of the reactor; the rest stay ready
+    and are called on the next turn, so one turn stays bounded.
     """
 
     MAX_EVENTS = 256
     """Readers called per turn of the reactor at most."""
+
+    GATHER_FROM = 4
+    """Readers from which the hub holds them in its own set."""
+
+    SCATTER_AT = 2
+    """Readers at which the hub gives them back to the reactor."""
 
     def __init__(self, reactor: IReactorFDSet) -> None:
         self._reactor = reactor
         self._epoll: Optional[Any] = None
         self._byFd: Dict[int, IReadDescriptor] = {}
         self._fds: Dict[IReadDescriptor, int] = {}
+        self._direct: Dict[IReadDescriptor, None] = {}
 
     def addReader(self, reader: IReadDescriptor) -> None:
         """Call C{reader.doRead} whenever it is readable (again)."""
-        if reader in self._fds:
+        if reader in self._fds or reader in self._direct or reader.fileno() < 0:
             return
-        fd = reader.fileno()
-        if fd < 0:
+        if self._epoll is None and len(self._direct) + 1 < self.GATHER_FROM:
+            self._direct[reader] = None
+            self._reactor.addReader(reader)
             return
         if self._epoll is None:
             self._epoll = select.epoll()
             self._reactor.addReader(self)
+            direct, self._direct = list(self._direct), {}
+            for held in direct:
+                self._reactor.removeReader(held)
+                self._register(held)
+        self._register(reader)
+
+    def _register(self, reader: IReadDescriptor) -> None:
+        fd = reader.fileno()
+        assert self._epoll is not None
         self._epoll.register(fd, _IN)
         self._byFd[fd] = reader
         self._fds[reader] = fd
 
     def removeReader(self, reader: IReadDescriptor) -> None:
-        """Stop calling C{reader}; the last one out unregisters the hub."""
+        """Stop calling C{reader}; the last ones out go back to the reactor."""
+        if reader in self._direct:
+            del self._direct[reader]
+            self._reactor.removeReader(reader)
+            return
         fd = self._fds.pop(reader, None)
         if fd is None:
             return
@@ -97,12 +124,26 @@ class ReaderHub:
             self._epoll.unregister(fd)
         except OSError:
             pass  # closed already, which took it out of the set
-        if not self._fds:
+        if len(self._fds) <= self.SCATTER_AT:
             self._close()
+            for held in list(self._fds):
+                self._unregister(held)
+                self._direct[held] = None
+                self._reactor.addReader(held)
+
+    def _unregister(self, reader: IReadDescriptor) -> None:
+        fd = self._fds.pop(reader)
+        if self._byFd.get(fd) is reader:
+            del self._byFd[fd]
 
     def getReaders(self) -> List[IReadDescriptor]:
-        """The readers this hub drives now."""
-        return list(self._fds)
+        """The readers this hub drives now (in its set or the reactor)."""
+        return list(self._direct) + list(self._fds)
+
+    @property
+    def gathered(self) -> bool:
+        """Whether the readers are in the hub's own set now."""
+        return self._epoll is not None
 
     def _close(self) -> None:
         epoll, self._epoll = self._epoll, None
@@ -154,6 +195,7 @@ class ReaderHub:
         self._fds.clear()
         self._byFd.clear()
         self._close()
+        # (Readers in the reactor itself hear of it from the reactor.)
         for reader in readers:
             reader.connectionLost(reason)
 
