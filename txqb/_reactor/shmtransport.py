@@ -993,10 +993,16 @@ class _UringWatch:
             return
         slots = self._slots
         self._reaping = True
-        turnEnd = _turnEndFor(self._reactor)
-        turnEnd.gather()
+        ends = ring.reap()
+        # Several connections' responses: the requests their callbacks
+        # send ring together at the end.  One: its request rings at once,
+        # so that the server works on it while this pass finishes (a
+        # round trip's latency).
+        turnEnd = _turnEndFor(self._reactor) if len(ends) > 1 else None
+        if turnEnd is not None:
+            turnEnd.gather()
         try:
-            for userData, result in ring.reap():
+            for userData, result in ends:
                 slot = userData & 0xFFFF
                 watched = slots[slot] if userData and slot < len(slots) else None
                 if watched is None or watched.userData != userData:
@@ -1009,7 +1015,8 @@ class _UringWatch:
                     watched.failed(OSError(-result, f"futex wait: {os.strerror(-result)}"))
         finally:
             self._reaping = False
-            turnEnd.release()
+            if turnEnd is not None:
+                turnEnd.release()
             if self._ring is ring:
                 ring.flush()
 
