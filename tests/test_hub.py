@@ -69,6 +69,14 @@ def _pairs(n: int) -> List[List[socket.socket]]:
     return [list(socket.socketpair()) for _ in range(n)]
 
 
+def _closeAll(hub: ReaderHub, readers: List[_Reader], pairs: List[List[socket.socket]]) -> None:
+    for r in readers:
+        hub.removeReader(r)
+        r.sock.close()
+    for ours, _ in pairs:
+        ours.close()
+
+
 async def _turns(reactor: Any, n: int = 5) -> None:
     for _ in range(n):
         await task.deferLater(reactor, 0, lambda: None)
@@ -96,11 +104,7 @@ async def test_readersShareOneDescriptorOfTheReactor(reactor: Any, hub: ReaderHu
         await _turns(reactor)
         assert [r.got for r in readers] == [[bytes([i])] for i in range(10)]
     finally:
-        for r in readers:
-            hub.removeReader(r)
-            r.sock.close()
-        for ours, _ in pairs:
-            ours.close()
+        _closeAll(hub, readers, pairs)
     assert hub.fileno() == -1
     assert hub not in reactor.getReaders()
 
@@ -214,11 +218,7 @@ async def test_aFewReadersAreTheReactorsOwn(reactor: Any) -> None:
         assert set(kept) <= set(reactor.getReaders()) and hub.getReaders() == kept
         await allRead(kept, b"c")
     finally:
-        for r in readers:
-            hub.removeReader(r)
-            r.sock.close()
-        for ours, _ in pairs:
-            ours.close()
+        _closeAll(hub, readers, pairs)
     assert not set(readers) & set(reactor.getReaders())
 
 
