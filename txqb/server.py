@@ -25,9 +25,9 @@ from zope.interface import implementer
 
 from txqb._posix.files import SHM_DIR, PrivateDirectory
 from txqb._posix.sockets import Credentials, peerCredentials, streamListener
+from txqb._reactor.hub import readerHubFor
 from txqb._reactor.shmtransport import ServerShmChannels
 from txqb._reactor.sockettransport import ServerSocketChannels
-from txqb._reactor.hub import readerHubFor
 from txqb._reactor.stream import SetupProtocol, UnixStreamTransport
 from txqb._wire.handshake import (
     CONNECTION_REQUEST_SIZE,

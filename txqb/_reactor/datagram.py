@@ -28,8 +28,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txqb._wire.headers import Buffer, Payload
 from txqb._reactor.hub import Readers
+from txqb._wire.headers import Buffer, Payload
 
 __all__ = ["DatagramChannel"]
 

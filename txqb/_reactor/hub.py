@@ -114,27 +114,26 @@ class ReaderHub:
             del self._direct[reader]
             self._reactor.removeReader(reader)
             return
-        fd = self._fds.pop(reader, None)
-        if fd is None:
+        if reader not in self._fds:
             return
-        if self._byFd.get(fd) is reader:
-            del self._byFd[fd]
+        fd = self._forget(reader)
         assert self._epoll is not None
         try:
             self._epoll.unregister(fd)
         except OSError:
             pass  # closed already, which took it out of the set
         if len(self._fds) <= self.SCATTER_AT:
-            self._close()
+            self._close()  # (the set goes with its descriptor)
             for held in list(self._fds):
-                self._unregister(held)
+                self._forget(held)
                 self._direct[held] = None
                 self._reactor.addReader(held)
 
-    def _unregister(self, reader: IReadDescriptor) -> None:
+    def _forget(self, reader: IReadDescriptor) -> int:
         fd = self._fds.pop(reader)
         if self._byFd.get(fd) is reader:
             del self._byFd[fd]
+        return fd
 
     def getReaders(self) -> List[IReadDescriptor]:
         """The readers this hub drives now (in its set or the reactor)."""

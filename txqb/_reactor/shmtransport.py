@@ -108,27 +108,18 @@ class _TurnEnd:
         """Advances at the end of each turn in which a doorbell rang."""
         self.gathering = False
         """
-        A pass over many responses is under way (L{gather}): the
-        doorbells of the requests their callbacks send wait for its end.
+        While set, every doorbell is held until L{release}: the requests
+        that a batch of responses' callbacks send then reach the server
+        with one wake-up (its reactor finds them all ready at once), not
+        one each as they are made.
         """
-
-    def gather(self) -> None:
-        """
-        Hold every doorbell until L{release}: the requests that a batch of
-        responses' callbacks send then reach the server with one wake-up
-        (its reactor finds them all ready at once), not one each as they
-        are made.
-        """
-        self.gathering = True
 
     def release(self) -> None:
-        """Ring what L{gather} held; the rest of the turn rings at its end."""
+        """Ring what L{gathering} held; the rest of the turn rings at its end."""
         self.gathering = False
         if self._held:
             self.begin()
-            held, self._held = self._held, []
-            for bell in held:
-                bell.flush()
+            self._ringHeld()
 
     def begin(self) -> None:
         """A doorbell rang at once: end this turn once the reactor is done."""
@@ -142,6 +133,9 @@ class _TurnEnd:
     def _end(self) -> None:
         self._call = None
         self.turn += 1
+        self._ringHeld()
+
+    def _ringHeld(self) -> None:
         held, self._held = self._held, []
         for bell in held:
             bell.flush()
@@ -175,7 +169,7 @@ class _Doorbell:
     delay), the rest of that turn's bytes go out together at the end of
     the turn (L{_TurnEnd}), or every L{BATCH} chunks, so a burst costs a
     few system calls, not one each.  While the reactor delivers a batch of
-    responses (L{_TurnEnd.gather}), the first waits too, for the batch's
+    responses (L{_TurnEnd.gathering}), the first waits too, for the batch's
     end.  Every chunk still gets exactly one byte, after its post.
     """
 
@@ -921,6 +915,7 @@ class _UringWatch:
         self._used = 0
         self._generation = 0
         self._reaping = False
+        self._turnEnd = _turnEndFor(reactor)
 
     def add(self, watched: _UringSemaphore) -> bool:
         """Give C{watched} a slot (and the ring a reader), if one is free."""
@@ -998,9 +993,8 @@ class _UringWatch:
         # send ring together at the end.  One: its request rings at once,
         # so that the server works on it while this pass finishes (a
         # round trip's latency).
-        turnEnd = _turnEndFor(self._reactor) if len(ends) > 1 else None
-        if turnEnd is not None:
-            turnEnd.gather()
+        turnEnd = self._turnEnd
+        gathering = turnEnd.gathering = len(ends) > 1
         try:
             for userData, result in ends:
                 slot = userData & 0xFFFF
@@ -1015,7 +1009,7 @@ class _UringWatch:
                     watched.failed(OSError(-result, f"futex wait: {os.strerror(-result)}"))
         finally:
             self._reaping = False
-            if turnEnd is not None:
+            if gathering:
                 turnEnd.release()
             if self._ring is ring:
                 ring.flush()
