@@ -95,7 +95,9 @@ _FLOW_CONTROL = {RATE_OFF: 1, RATE_OFF_2: 2}
 # does (``_request_q_len_get``): up to 50 at RATE_FAST, 5 at RATE_NORMAL,
 # one at RATE_SLOW.  libqb also moves the connections between its loop's
 # priority levels; a Twisted reactor has none, and the batch size is what
-# gives a fast service its larger share of the reactor's turns.
+# gives a fast service its larger share of the reactor's turns.  A batch
+# ends the turn only when something else wants the reactor (see
+# txqb._reactor.peek): a turn costs far more in Twisted than in C.
 _BATCH = {RATE_FAST: 50, RATE_NORMAL: 5, RATE_SLOW: 1, RATE_OFF: 1, RATE_OFF_2: 1}
 
 DEFAULT_MAX_MESSAGE_SIZE_CEILING = 16 * 1024 * 1024

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txqb._reactor.hub import Readers
+from txqb._reactor.peek import MAX_RUN, reactorPeekFor
 from txqb._wire.headers import Buffer, Payload
 
 __all__ = ["DatagramChannel"]
@@ -97,6 +98,7 @@ class DatagramChannel:
         self.closed = False
         self.emptyReads = 0
         self._delivering = 0
+        self._peek = reactorPeekFor(reactor)
 
     # IReadDescriptor / IWriteDescriptor
 
@@ -120,8 +122,16 @@ class DatagramChannel:
         self._batch = value
 
     def doRead(self) -> None:
-        """Read up to C{batch} datagrams and hand each over."""
-        self._read(self._batch)
+        """
+        Read up to C{batch} datagrams and hand each over; read further
+        batches at once while a turn of the reactor would only come back
+        here (L{txqb._reactor.peek}).
+        """
+        run = 1
+        more = self._read(self._batch)
+        while more and run < MAX_RUN and self._peek.alone(self._fd):
+            run += 1
+            more = self._read(self._batch, first=False)
 
     def drain(self) -> None:
         """Read every datagram already queued, however many."""
@@ -132,7 +142,9 @@ class DatagramChannel:
         """Whether datagrams are being delivered."""
         return self._reading
 
-    def _read(self, limit: int) -> None:
+    def _read(self, limit: int, first: bool = True) -> bool:
+        # True when it stopped at C{limit}: there may be more.  (A later
+        # batch of one wake-up that finds nothing is no empty read.)
         if self._delivering:
             # Re-entered from a delivery whose view points into our buffer:
             # read into a buffer of this call's own.
@@ -141,7 +153,6 @@ class DatagramChannel:
         else:
             buffer, view = self._buffer, self._view
         sock = self._sock
-        first = True
         while limit != 0:
             limit -= 1
             try:
@@ -152,7 +163,7 @@ class DatagramChannel:
                 reset = self._reset
                 if reset is not None:
                     self._fail(reset)
-                return None
+                return False
             except InterruptedError:
                 continue
             except OSError as e:
@@ -162,7 +173,7 @@ class DatagramChannel:
                     self._reset = e
                     continue
                 self._fail(e)
-                return None
+                return False
             first = False
             # The receiver gets a view of our buffer, valid during the
             # call: it copies what it keeps (see onDatagram).
@@ -174,8 +185,8 @@ class DatagramChannel:
                 self._delivering -= 1
                 chunk.release()
             if self.closed or not self._reading:
-                return None
-        return None
+                return False
+        return True
 
     def doWrite(self) -> None:
         """Send queued datagrams until the socket is full again."""

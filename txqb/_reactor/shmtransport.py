@@ -36,6 +36,7 @@ from txqb._posix.semaphore import SharedSemaphore
 from txqb._posix.shmring import SharedRing
 from txqb._posix.shmring import removeIfOrphaned as _removeIfOrphaned
 from txqb._posix.uring import CANCELLED, FutexRing, futexRingAvailable
+from txqb._reactor.peek import MAX_RUN, reactorPeekFor
 from txqb._wire.handshake import TRANSPORT_SHM
 from txqb._wire.headers import Buffer, Payload, heldPayload, payloadSize
 from txqb._wire.naming import shmNames
@@ -439,6 +440,9 @@ class ServerShmChannels:
         self._delivering = False
         self._closing: Optional[BaseException] = None
         self._doorbell = _Doorbell(reactor, setup, b"\0")
+        self._peek = reactorPeekFor(reactor)
+        fileno = getattr(setup, "fileno", None)
+        self._setupFd: int = fileno() if fileno is not None else -1
         self._responses = _RingWriter(reactor, response.ring, _nothing)
         self._events = _RingWriter(reactor, event.ring, self._doorbell.ring)
         self._eventRing = event
@@ -470,8 +474,14 @@ class ServerShmChannels:
             return  # re-entered from a handler: the outer loop goes on
         ring = self._request.ring
         budget = self.batch
+        run = 1
         while self._reading and self._rings:
             if budget == 0:
+                if run < MAX_RUN and self._peek.alone(self._setupFd):
+                    # A turn would come straight back here (see peek).
+                    run += 1
+                    budget = self.batch
+                    continue
                 # The rest waits for the next turn of the reactor, so that
                 # other connections (and new clients) get theirs.
                 self._drainCall = self._reactor.callLater(0, self._drain)
