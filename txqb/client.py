@@ -410,8 +410,23 @@ class Client:
                     f" {self.maxMessageSize}-byte limit"
                 )
             )
-        item = _Outgoing(header, payload, Deferred(lambda d: self._cancel(item)), expectsReply,
-                         size)
+        if not (expectsReply or self._blocked or self._deliveringInPlace
+                or self._flowControlled()):
+            # A send that goes at once (the common case) needs no record
+            # and no canceller: its Deferred has fired before anyone has it.
+            try:
+                queued = self._channels.sendRequest(header, payload)
+            except OSError as e:
+                item = self._outgoing(header, payload, False, size)
+                self._sendFailed(item, e)
+                return item.deferred
+            self.requestsSent += 1
+            if queued is None:
+                return succeed(None)
+            item = self._outgoing(header, payload, False, size)
+            queued.addCallbacks(item.deferred.callback, item.deferred.errback)
+            return item.deferred
+        item = self._outgoing(header, payload, expectsReply, size)
         if self._blocked or not self._ready(item):
             if not isinstance(payload, bytes):
                 item.payload = heldPayload(payload)  # the caller may reuse its buffers
@@ -421,6 +436,12 @@ class Client:
         else:
             self._transmit(item)
         return item.deferred
+
+    def _outgoing(self, header: bytes, payload: Payload, expectsReply: bool,
+                  size: int) -> _Outgoing:
+        item = _Outgoing(header, payload, Deferred(lambda d: self._cancel(item)), expectsReply,
+                         size)
+        return item
 
     def _flowControlled(self) -> bool:
         fc = self._channels.flowControl()
@@ -440,13 +461,7 @@ class Client:
         try:
             queued = self._channels.sendRequest(item.header, item.payload)
         except OSError as e:
-            if e.errno in _PEER_GONE:
-                # The server's socket is gone: this is a lost connection,
-                # and it fails everything outstanding, this item included.
-                self._blocked.appendleft(item)
-                self._channelFailed(e)
-            else:
-                item.deferred.errback(QBError(f"send failed: {e.strerror}", e.errno))
+            self._sendFailed(item, e)
             return
         self.requestsSent += 1
         if item.expectsReply:
@@ -462,6 +477,15 @@ class Client:
             item.deferred.callback(None)
         else:
             queued.addCallbacks(item.deferred.callback, item.deferred.errback)
+
+    def _sendFailed(self, item: _Outgoing, e: OSError) -> None:
+        if e.errno in _PEER_GONE:
+            # The server's socket is gone: this is a lost connection,
+            # and it fails everything outstanding, this item included.
+            self._blocked.appendleft(item)
+            self._channelFailed(e)
+        else:
+            item.deferred.errback(QBError(f"send failed: {e.strerror}", e.errno))
 
     def _cancel(self, item: _Outgoing) -> None:
         if item.slot is not None:
