@@ -224,3 +224,33 @@ def test_queuedWriteKeepsItsBytes() -> None:
         pass
     assert writer.write(b"now:", memoryview(b"direct")) is None
     assert ring.read() == b"now:direct"
+
+
+def test_roomWatcherSleepsPrecisely() -> None:
+    """
+    The room watcher's thread asks Linux for a timer slack of 1 ns, so
+    that its 25 us looks are not stretched to the default 50 us slack;
+    other threads keep theirs.
+    """
+    import threading
+
+    from txqb._posix.libc import preciseSleeps
+
+    from txqb._posix.libc import libc
+
+    def slack() -> int:
+        return int(libc.prctl(30, 0, 0, 0, 0))  # PR_GET_TIMERSLACK
+
+    seen: List[object] = []
+
+    def run() -> None:
+        seen.append(slack())
+        seen.append(preciseSleeps())
+        seen.append(slack())
+
+    before = slack()
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen[1] is True and seen[2] == 1 and seen[0] != 1
+    assert slack() == before
