@@ -133,3 +133,28 @@ class PeerHandlers(EchoHandlers):
 
 
 __all__ = ["PeerHandlers", "packConnectionStats", "unpackConnectionStats", "errno"]
+
+
+def watchWakeUps(counter: Any, connection: ServerConnection) -> None:
+    """
+    Count, in C{counter.turns}, the requests handled in each wake-up of
+    C{connection}'s request reader (its handler adds to C{counter.current}).
+    It wraps the method the reactor (or the connection's own scheduling)
+    calls on each wake-up: the datagram reader's doRead, or the SHM
+    request drain.  Counting there, rather than with a timer, holds on
+    every reactor whatever order it runs timers and I/O in.
+    """
+    channels: Any = connection._channels
+    target, name = (channels.requests, "doRead") if hasattr(channels, "requests") else (
+        channels,
+        "_drain",
+    )
+    original = getattr(target, name)
+
+    def wakeUp() -> None:
+        counter.current = 0
+        original()
+        if counter.current:
+            counter.turns.append(counter.current)
+
+    setattr(target, name, wakeUp)

@@ -17,7 +17,7 @@ from twisted.internet import task
 
 import txqb
 from cprocs import CClient, CServer, runClient
-from handlers import PeerHandlers, unpackConnectionStats
+from handlers import PeerHandlers, unpackConnectionStats, watchWakeUps
 from peers.build import Peers
 from txqb.server import ConnectionStats, ServerConnection
 
@@ -107,26 +107,8 @@ class _TurnCounter(PeerHandlers):
         return super().messageReceived(connection, msgId, payload)
 
     def watch(self, connection: ServerConnection) -> None:
-        """
-        Wrap the method the reactor (or the connection's own scheduling)
-        calls on each wake-up: the datagram reader's doRead, or the SHM
-        request drain.  Counting there, rather than with a timer, holds on
-        every reactor whatever order it runs timers and I/O in.
-        """
-        channels: Any = connection._channels
-        target, name = (channels.requests, "doRead") if hasattr(channels, "requests") else (
-            channels,
-            "_drain",
-        )
-        original = getattr(target, name)
-
-        def wakeUp() -> None:
-            self.current = 0
-            original()
-            if self.current:
-                self.turns.append(self.current)
-
-        setattr(target, name, wakeUp)
+        """Count per wake-up of C{connection}'s reader (L{watchWakeUps})."""
+        watchWakeUps(self, connection)
 
 
 @pytest.mark.parametrize(

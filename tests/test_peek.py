@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
 import txqb
+from handlers import watchWakeUps
 from txqb._reactor.peek import MAX_RUN, ReactorPeek, reactorPeekFor
 from txqb.server import ServerConnection, ServiceHandlers
 
@@ -121,20 +122,7 @@ class _Sink(ServiceHandlers):
 
     def watch(self, connection: ServerConnection) -> None:
         """Count requests per wake-up of the connection's reader."""
-        channels: Any = connection._channels
-        target, name = (channels.requests, "doRead") if hasattr(channels, "requests") else (
-            channels,
-            "_drain",
-        )
-        original = getattr(target, name)
-
-        def wakeUp() -> None:
-            self.current = 0
-            original()
-            if self.current:
-                self.turns.append(self.current)
-
-        setattr(target, name, wakeUp)
+        watchWakeUps(self, connection)
 
 
 async def _queued(reactor: Any, serviceName: str, transport: str, handlers: _Sink,
