@@ -37,7 +37,7 @@ from txqb._wire.naming import (
     shmNames,
     socketNames,
 )
-from txqb._wire.pairing import ReplyQueue
+from txqb._wire.pairing import ReplyQueue, Slot
 
 # qb_ipcc_connect(name, 0) from libqb 2.0.6: id -1, size 24, max 12328.
 GOLDEN_CONNECT_REQUEST = bytes.fromhex("ffffffff00000000" "1800000000000000" "2830000000000000")
@@ -219,6 +219,22 @@ def test_replyQueueOrder() -> None:
     assert queue.pop() == "c"
     with pytest.raises(LookupError):
         queue.pop()
+
+
+def test_replySlotLetsGoOfItsWaiter() -> None:
+    """
+    A slot taken by its reply holds its waiter no longer (a canceller
+    that still holds the slot keeps no waiter alive, nor a cycle), and
+    C{cancel} abandons as a Deferred's canceller, called with the Deferred.
+    """
+    queue: ReplyQueue[str] = ReplyQueue()
+    taken = queue.push("a")
+    cancelled = Slot("b")
+    queue.append(cancelled)
+    cancelled.cancel("the Deferred")
+    assert queue.pop() == "a"
+    assert taken.waiter is None
+    assert queue.pop() is None
 
 
 def test_replyQueueDrain() -> None:

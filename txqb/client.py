@@ -426,6 +426,30 @@ class Client:
             item = self._outgoing(header, payload, False, size)
             queued.addCallbacks(item.deferred.callback, item.deferred.errback)
             return item.deferred
+        replies = self._replies
+        if expectsReply and not (self._blocked or self._deliveringInPlace) and (
+            not replies or (len(replies) < self.maxInFlight
+                            and self._inFlightBytes < self.maxInFlightBytes)
+        ) and not self._flowControlled():
+            # A request that goes at once (as L{_ready} and L{_transmit}):
+            # its place in the reply queue is all its cancel needs.
+            slot: Slot[Deferred[Any]] = Slot(None)
+            d: Deferred[Any] = Deferred(slot.cancel)
+            try:
+                queued = self._channels.sendRequest(header, payload)
+            except OSError as e:
+                self._sendFailed(_Outgoing(header, payload, d, True, size), e)
+                return d
+            self.requestsSent += 1
+            if not replies:
+                self._channels.awaiting(True)
+            slot.waiter = d
+            replies.append(slot)
+            self._inFlightSizes.append(size)
+            self._inFlightBytes += size
+            if queued is not None:
+                queued.addErrback(lambda _: None)
+            return d
         item = self._outgoing(header, payload, expectsReply, size)
         if self._blocked or not self._ready(item):
             if not isinstance(payload, bytes):

@@ -22,11 +22,15 @@ class Slot(Generic[T]):
 
     __slots__ = ("waiter",)
 
-    def __init__(self, waiter: T) -> None:
+    def __init__(self, waiter: Optional[T]) -> None:
         self.waiter: Optional[T] = waiter
 
     def abandon(self) -> None:
         """Keep the place but drop the waiter: its reply will be discarded."""
+        self.waiter = None
+
+    def cancel(self, _waiter: object = None) -> None:
+        """L{abandon}, called as a L{Deferred}'s canceller (with the Deferred)."""
         self.waiter = None
 
 
@@ -55,7 +59,11 @@ class ReplyQueue(Deque[Slot[T]]):
         """
         if not self:
             raise LookupError("response arrived with no request outstanding")
-        return self.popleft().waiter
+        slot = self.popleft()
+        # The slot may outlive this (a waiter's canceller holds it): it
+        # must not keep the waiter alive, nor a cycle through it.
+        waiter, slot.waiter = slot.waiter, None
+        return waiter
 
     def drain(self) -> List[T]:
         """Empty the queue, returning the waiters still interested."""
