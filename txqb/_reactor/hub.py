@@ -23,7 +23,6 @@ reactor has neither its descriptor nor its reader.
 from __future__ import annotations
 
 import select
-import weakref
 from typing import Any, Dict, List, Optional, Protocol as TypingProtocol
 
 from twisted.internet import main
@@ -31,6 +30,8 @@ from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from txqb._reactor.perreactor import PerReactor
 
 __all__ = ["ReaderHub", "Readers", "readerHubFor"]
 
@@ -203,7 +204,7 @@ class ReaderHub:
         return "txqb-readers"
 
 
-_hubs: "weakref.WeakKeyDictionary[Any, ReaderHub]" = weakref.WeakKeyDictionary()
+_hubs = PerReactor(ReaderHub)
 
 
 def readerHubFor(reactor: IReactorFDSet) -> Readers:
@@ -213,8 +214,4 @@ def readerHubFor(reactor: IReactorFDSet) -> Readers:
     """
     if not _IN:
         return reactor
-    try:
-        return _hubs[reactor]
-    except KeyError:
-        hub = _hubs[reactor] = ReaderHub(reactor)
-        return hub
+    return _hubs(reactor)

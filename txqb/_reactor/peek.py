@@ -27,8 +27,9 @@ is always false and every batch takes a turn, as before.
 from __future__ import annotations
 
 import select
-import weakref
 from typing import Any, Callable, List, Optional, Tuple, cast
+
+from txqb._reactor.perreactor import PerReactor
 
 __all__ = ["ReactorPeek", "reactorPeekFor", "MAX_RUN"]
 
@@ -85,15 +86,5 @@ class ReactorPeek:
         return True
 
 
-_peeks: "weakref.WeakKeyDictionary[Any, ReactorPeek]" = weakref.WeakKeyDictionary()
-
-
-def reactorPeekFor(reactor: Any) -> ReactorPeek:
-    """The L{ReactorPeek} of C{reactor}, made on first use."""
-    try:
-        return _peeks[reactor]
-    except KeyError:
-        peek = _peeks[reactor] = ReactorPeek(reactor)
-        return peek
-    except TypeError:  # not weakly referenceable: a fresh one each time
-        return ReactorPeek(reactor)
+reactorPeekFor = PerReactor(ReactorPeek)
+"""The L{ReactorPeek} of a reactor, made on first use."""

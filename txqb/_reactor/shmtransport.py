@@ -38,6 +38,7 @@ from txqb._posix.shmring import SharedRing
 from txqb._posix.shmring import removeIfOrphaned as _removeIfOrphaned
 from txqb._posix.uring import CANCELLED, FutexRing, futexRingAvailable
 from txqb._reactor.peek import MAX_RUN, reactorPeekFor
+from txqb._reactor.perreactor import PerReactor
 from txqb._wire.handshake import TRANSPORT_SHM
 from txqb._wire.headers import Buffer, Payload, heldPayload, payloadSize
 from txqb._wire.naming import shmNames
@@ -155,15 +156,7 @@ class _TurnEnd:
             self.turn += 1
 
 
-_turnEnds: "weakref.WeakKeyDictionary[Any, _TurnEnd]" = weakref.WeakKeyDictionary()
-
-
-def _turnEndFor(clock: IReactorTime) -> _TurnEnd:
-    try:
-        return _turnEnds[clock]
-    except KeyError:
-        end = _turnEnds[clock] = _TurnEnd(clock)
-        return end
+_turnEndFor = PerReactor(_TurnEnd)
 
 
 class _Doorbell:
