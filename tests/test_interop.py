@@ -452,6 +452,30 @@ async def test_txqbClientFlowControl(reactor: Any, cpeers: Peers, serviceName: s
 
 
 @pytest_twisted.ensureDeferred
+async def test_txqbClientFlowControlOffBetweenReads(reactor: Any, cpeers: Peers, serviceName: str,
+                                                  env: Env) -> None:
+    """
+    A server may turn flow control off at any moment, between any two
+    reads of its word: a held request is still polled for and sent.  The
+    word is scripted (on, on, then the C server's own), so the moment
+    falls inside the client's look at its queue.
+    """
+    async with await _cserver(reactor, cpeers, serviceName, env):
+        client = await _connect(reactor, serviceName, env)
+        try:
+            channels: Any = client._channels
+            real = channels.flowControl
+            script = [1, 1, 0]
+            channels.flowControl = lambda: script.pop(0) if script else real()
+            reply = client.request(0, b"held", timeout=5)
+            assert not reply.called
+            assert (await reply).payload == b"held"
+            assert script == [] and client.flowControlWaits >= 2
+        finally:
+            await client.disconnect()
+
+
+@pytest_twisted.ensureDeferred
 async def test_txqbClientServerDisconnects(reactor: Any, cpeers: Peers, serviceName: str, env: Env) -> None:
     async with await _cserver(reactor, cpeers, serviceName, env):
         client = await _connect(reactor, serviceName, env)

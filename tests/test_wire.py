@@ -225,13 +225,13 @@ def test_replySlotLetsGoOfItsWaiter() -> None:
     """
     A slot taken by its reply holds its waiter no longer (a canceller
     that still holds the slot keeps no waiter alive, nor a cycle), and
-    C{cancel} abandons as a Deferred's canceller, called with the Deferred.
+    C{abandon} serves as a Deferred's canceller, called with the Deferred.
     """
     queue: ReplyQueue[str] = ReplyQueue()
     taken = queue.push("a")
     cancelled = Slot("b")
     queue.append(cancelled)
-    cancelled.cancel("the Deferred")
+    cancelled.abandon("the Deferred")
     assert queue.pop() == "a"
     assert taken.waiter is None
     assert queue.pop() is None

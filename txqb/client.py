@@ -410,55 +410,44 @@ class Client:
                     f" {self.maxMessageSize}-byte limit"
                 )
             )
-        if not (expectsReply or self._blocked or self._deliveringInPlace
-                or self._flowControlled()):
-            # A send that goes at once (the common case) needs no record
-            # and no canceller: its Deferred has fired before anyone has it.
+        # Flow control is read once per decision: the server may turn it
+        # off between two reads, and a request held back for it must then
+        # still have its poll scheduled.
+        free = not (self._blocked or self._deliveringInPlace) and (
+            not expectsReply or self._windowOpen()
+        )
+        flowControlled = self._flowControlled()
+        if free and not flowControlled:
+            # What goes at once (the common case) needs no record: a send's
+            # Deferred has fired before anyone has it, and a request's
+            # place in the reply queue is all its cancel needs.
             try:
                 queued = self._channels.sendRequest(header, payload)
             except OSError as e:
-                item = self._outgoing(header, payload, False, size)
+                item = self._outgoing(header, payload, expectsReply, size)
                 self._sendFailed(item, e)
                 return item.deferred
             self.requestsSent += 1
+            if expectsReply:
+                slot: Slot[Deferred[Any]] = Slot(None)
+                d: Deferred[Any] = Deferred(slot.abandon)
+                slot.waiter = d
+                self._awaitReply(slot, size, queued)
+                return d
             if queued is None:
                 return succeed(None)
             item = self._outgoing(header, payload, False, size)
             queued.addCallbacks(item.deferred.callback, item.deferred.errback)
             return item.deferred
-        replies = self._replies
-        if expectsReply and not (self._blocked or self._deliveringInPlace) and (
-            not replies or (len(replies) < self.maxInFlight
-                            and self._inFlightBytes < self.maxInFlightBytes)
-        ) and not self._flowControlled():
-            # A request that goes at once (as L{_ready} and L{_transmit}):
-            # its place in the reply queue is all its cancel needs.
-            slot: Slot[Deferred[Any]] = Slot(None)
-            d: Deferred[Any] = Deferred(slot.cancel)
-            try:
-                queued = self._channels.sendRequest(header, payload)
-            except OSError as e:
-                self._sendFailed(_Outgoing(header, payload, d, True, size), e)
-                return d
-            self.requestsSent += 1
-            if not replies:
-                self._channels.awaiting(True)
-            slot.waiter = d
-            replies.append(slot)
-            self._inFlightSizes.append(size)
-            self._inFlightBytes += size
-            if queued is not None:
-                queued.addErrback(lambda _: None)
-            return d
+        # Held back: behind earlier ones (their wait pumps this one too),
+        # by the window (the next response pumps), by a delivery in place
+        # (pumped once it ends) or by flow control (polled for).
         item = self._outgoing(header, payload, expectsReply, size)
-        if self._blocked or not self._ready(item):
-            if not isinstance(payload, bytes):
-                item.payload = heldPayload(payload)  # the caller may reuse its buffers
-            self._blocked.append(item)
-            if self._flowControlled():
-                self._waitForFlowControl()
-        else:
-            self._transmit(item)
+        if not isinstance(payload, bytes):
+            item.payload = heldPayload(payload)  # the caller may reuse its buffers
+        self._blocked.append(item)
+        if flowControlled:
+            self._waitForFlowControl()
         return item.deferred
 
     def _outgoing(self, header: bytes, payload: Payload, expectsReply: bool,
@@ -471,15 +460,12 @@ class Client:
         fc = self._channels.flowControl()
         return 0 < fc <= self.fcEnableMax
 
-    def _ready(self, item: _Outgoing) -> bool:
+    def _windowOpen(self) -> bool:
         # The window applies only while something is in flight, so one
         # request always goes: the window can never deadlock.
-        if item.expectsReply and self._replies and (
-            len(self._replies) >= self.maxInFlight
-            or self._inFlightBytes >= self.maxInFlightBytes
-        ):
-            return False
-        return not self._deliveringInPlace and not self._flowControlled()
+        replies = self._replies
+        return not replies or (len(replies) < self.maxInFlight
+                               and self._inFlightBytes < self.maxInFlightBytes)
 
     def _transmit(self, item: _Outgoing) -> None:
         try:
@@ -489,18 +475,24 @@ class Client:
             return
         self.requestsSent += 1
         if item.expectsReply:
-            if not self._replies:
-                self._channels.awaiting(True)
-            item.slot = self._replies.push(item.deferred)
-            size = item.size
-            self._inFlightSizes.append(size)
-            self._inFlightBytes += size
-            if queued is not None:
-                queued.addErrback(lambda _: None)
+            item.slot = Slot(item.deferred)
+            self._awaitReply(item.slot, item.size, queued)
         elif queued is None:
             item.deferred.callback(None)
         else:
             queued.addCallbacks(item.deferred.callback, item.deferred.errback)
+
+    def _awaitReply(self, slot: Slot[Deferred[Any]], size: int,
+                    queued: Optional[Deferred[None]]) -> None:
+        """Take the next place in the reply queue, for a request just sent."""
+        if not self._replies:
+            self._channels.awaiting(True)
+        self._replies.append(slot)
+        self._inFlightSizes.append(size)
+        self._inFlightBytes += size
+        if queued is not None:
+            # Its failure is the connection's loss, which fails the slot.
+            queued.addErrback(lambda _: None)
 
     def _sendFailed(self, item: _Outgoing, e: OSError) -> None:
         if e.errno in _PEER_GONE:
@@ -537,12 +529,11 @@ class Client:
             if blocked[0].cancelled:
                 blocked.popleft()
                 continue
-            if not self._ready(blocked[0]):
-                # Either flow control (poll for it) or a full window (the
-                # next response pumps again).
-                if self._flowControlled():
-                    self._waitForFlowControl()
+            if self._flowControlled():
+                self._waitForFlowControl()
                 return
+            if self._deliveringInPlace or (blocked[0].expectsReply and not self._windowOpen()):
+                return  # pumped again once the delivery ends, or by the next response
             self._transmit(blocked.popleft())
         self._fcDelay = _FC_POLL_FIRST
 

@@ -25,12 +25,12 @@ class Slot(Generic[T]):
     def __init__(self, waiter: Optional[T]) -> None:
         self.waiter: Optional[T] = waiter
 
-    def abandon(self) -> None:
-        """Keep the place but drop the waiter: its reply will be discarded."""
-        self.waiter = None
-
-    def cancel(self, _waiter: object = None) -> None:
-        """L{abandon}, called as a L{Deferred}'s canceller (with the Deferred)."""
+    def abandon(self, _deferred: object = None) -> None:
+        """
+        Keep the place but drop the waiter: its reply will be discarded.
+        Takes (and ignores) an argument, so that it can be a L{Deferred}'s
+        canceller, which is called with the Deferred.
+        """
         self.waiter = None
 
 
